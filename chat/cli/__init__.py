@@ -1,0 +1,68 @@
+"""The command line: ``chat [OPTIONS] [PROMPT]`` plus command groups.
+
+A bare ``chat`` (or ``chat "question"``) runs the default command; words that
+name a command group (``personas``, ``models``, ``history`` …) run that group.
+Each group lives in its own module and imports its heavy parts inside the
+command, so ``chat --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+DEFAULT_COMMAND = "talk"
+
+
+class DefaultGroup(TyperGroup):
+    """A group whose unknown first word starts the default command (llm's pattern)."""
+
+    def parse_args(self, ctx, args):  # type: ignore[override]
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h", "--version")):
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx, formatter):  # type: ignore[override]
+        default = self.commands[DEFAULT_COMMAND]
+        formatter.write_usage("chat", "[OPTIONS] [PROMPT]...\n       chat COMMAND [ARGS]...")
+        formatter.write_paragraph()
+        formatter.write_text(default.help or "")
+        with ctx.scope(cleanup=False):
+            sub = typer.Context(default, info_name="chat", parent=None)
+            default.format_options(sub, formatter)
+        rows = [(n, c.get_short_help_str(60)) for n, c in sorted(self.commands.items()) if not c.hidden]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+app = typer.Typer(
+    cls=DefaultGroup,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register() -> None:
+    from chat.cli import history, main, models, personas, plugins
+
+    main.register(app)
+    personas.register(app)
+    models.register(app)
+    history.register(app)
+    plugins.register(app)
+
+
+_register()
+
+
+def run() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        sys.exit(130)

@@ -1,0 +1,123 @@
+"""``chat personas …``: list, show, validate and scaffold persona cards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from chat.cli.common import AppContext, echo, guard
+
+personas_app = typer.Typer(help="List, show, validate and create persona cards.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(personas_app, name="personas")
+
+
+@personas_app.command("list")
+def list_personas() -> None:
+    """Every card you can name, where it comes from, and what it overrides."""
+    with guard():
+        app = AppContext()
+        entries = app.catalog.entries()
+        if not entries:
+            echo("no persona cards found")
+            return
+        width = max(len(n) for n in entries)
+        for name in sorted(entries):
+            e = entries[name]
+            try:
+                desc = app.catalog.load(name).card.description
+            except Exception as exc:  # a broken card still shows up, with its problem
+                desc = f"(invalid: {getattr(exc, 'message', exc)})"
+            shadow = f" (overrides {', '.join(e.shadows)})" if e.shadows else ""
+            echo(f"{name:<{width}}  [{e.source}]{shadow}  {desc}")
+
+
+@personas_app.command("show")
+def show(name: Annotated[str, typer.Argument(help="Card name, path, or mix.")]) -> None:
+    """The resolved card: prompt parts, sampler preset and parameter parts."""
+    with guard():
+        app = AppContext()
+        persona = app.catalog.resolve(name)
+        echo(f"name:        {persona.label}")
+        echo(f"source:      {persona.source}" + (f" ({persona.path})" if persona.path else ""))
+        if persona.description:
+            echo(f"description: {persona.description}")
+        if persona.greeting:
+            echo(f"greeting:    {persona.greeting}")
+        if persona.system:
+            echo("system:")
+            for line in persona.system.splitlines():
+                echo(f"  {line}")
+        if persona.examples:
+            echo(f"examples:    {len(persona.examples)}")
+            for ex in persona.examples:
+                echo(f"  user:      {ex.user.splitlines()[0][:70]}")
+                echo(f"  assistant: {ex.assistant.splitlines()[0][:70]}")
+        if persona.knowledge:
+            echo(f"knowledge:   {len(persona.knowledge)} entries")
+        if persona.sampling:
+            echo("sampling:    " + ", ".join(f"{k}={v}" for k, v in persona.sampling.items()))
+        from chat.partsinfo import describe_parts
+
+        for line in describe_parts(persona):
+            echo(line)
+
+
+@personas_app.command("validate")
+def validate(path: Annotated[Path, typer.Argument(help="A card folder or its persona.toml.")]) -> None:
+    """Check a card (and the cards it extends) without loading a model."""
+    with guard():
+        from chat.persona import read_card
+
+        app = AppContext()
+        loaded = read_card(path)
+        app.catalog.resolve(str(loaded.folder))
+        echo(f"ok: {loaded.file} ({loaded.card.name})")
+
+
+TEMPLATE = '''name = "{name}"
+description = "One line for listings: who this persona is and when to use it."
+greeting = "Hello! I'm {name}."
+system = """You are {name}. Describe the personality, tone, values and what to avoid."""
+# extends = ["assistant"]      # inherit another card's parts
+
+[sampling]                      # any sampler setting (`chat samplers`)
+temperature = 0.7
+top_p = 0.95
+
+[[examples]]                    # example dialogue, sent before the conversation
+user = "Who are you?"
+assistant = "I'm {name}."
+
+# [[adapters]]                  # LoRA adapter (GGUF, or a PEFT folder), relative to this folder
+# path = "adapters/{name}.gguf"
+# scale = 1.0
+
+# [[steering]]                  # control vector (llama.cpp cvector GGUF)
+# path = "vectors/{name}.gguf"
+# scale = 0.5
+# layers = [1, 16]
+'''
+
+
+@personas_app.command("new")
+def new(name: Annotated[str, typer.Argument(help="Name of the new card.")]) -> None:
+    """Scaffold a card in your config dir, ready to edit."""
+    with guard():
+        from chat.errors import UsageError
+        from chat.persona import NAME_RE
+
+        if not NAME_RE.match(name) or ":" in name or "," in name:
+            raise UsageError(f"{name!r} is not a valid persona name", "use letters, digits, '-', '_' or '.'")
+        app = AppContext()
+        folder = app.paths.personas_dir / name
+        if (folder / "persona.toml").exists():
+            raise UsageError(f"{folder / 'persona.toml'} already exists", "edit it, or pick another name")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "persona.toml").write_text(TEMPLATE.format(name=name), encoding="utf-8")
+        echo(f"created {folder / 'persona.toml'}")
+        echo(f"edit it, then: chat --persona {name}")

@@ -1,0 +1,93 @@
+"""``chat plugins`` and ``chat samplers``: what is loaded, and every sampler setting."""
+
+from __future__ import annotations
+
+import typer
+
+from chat.cli.common import echo, guard
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plugins")(plugins)
+    app.add_typer(samplers_app, name="samplers")
+
+
+def plugins() -> None:
+    """Loaded plugins, the hooks they implement, and what they registered."""
+    with guard():
+        from chat.plugins import get_registry, plugin_summary
+
+        reg = get_registry()
+        for p in plugin_summary():
+            kind = "built-in" if p["builtin"] else "third-party"
+            ver = f" {p['version']}" if p["version"] else ""
+            echo(f"{p['name']}{ver}  [{kind}]  hooks: {', '.join(p['hooks'])}")
+            provided = [k for k, v in reg.sources.items() if v == p["name"]]
+            provided += [f"persona:{Path_name(t, kw)}" for t, kw, src in reg.personas if src == p["name"]]
+            if provided:
+                echo("    provides: " + ", ".join(sorted(provided)))
+
+
+def Path_name(target, kwargs) -> str:  # noqa: N802 - tiny helper
+    from pathlib import Path
+
+    return kwargs.get("name") or Path(target).name
+
+
+samplers_app = typer.Typer(help="Sampler settings, stages and presets.", invoke_without_command=True)
+
+
+@samplers_app.callback()
+def samplers(ctx: typer.Context) -> None:
+    """Every sampler setting with its default and range, the stages, and the presets."""
+    if ctx.invoked_subcommand:
+        return
+    with guard():
+        from chat.plugins import get_registry
+        from chat.presets import all_presets
+        from chat.sampling import BUILTIN_STAGES, DEFAULT_ORDER, describe_fields
+
+        reg = get_registry()
+        echo("settings (name = default: meaning):")
+        for name, default, desc in describe_fields():
+            echo(f"  {name} = {default!r}: {desc}")
+        echo("")
+        echo("stages (use in order=…):")
+        for stage in BUILTIN_STAGES:
+            echo(f"  {stage}  [built-in]")
+        for name, stage in reg.samplers.items():
+            params = ", ".join(f"{n}={f.default!r}" for n, f in stage.params.model_fields.items())
+            echo(f"  {name}  [{reg.sources.get('sampler:' + name)}]  {stage.description}  params: {params}")
+        echo(f"default order: {','.join(DEFAULT_ORDER)}")
+        echo("")
+        echo("presets:")
+        for name, (values, src) in sorted(all_presets().items()):
+            echo(f"  {name}  [{src}]  " + ", ".join(f"{k}={v}" for k, v in values.items()))
+
+
+@samplers_app.command("show")
+def show(
+    persona: str = typer.Option(None, "-p", "--persona", help="Include this card's [sampling]."),
+    preset: str = typer.Option(None, "--preset", help="Include this preset."),
+    option: list[str] = typer.Option(None, "-o", "--option", help="KEY=VALUE flags."),
+) -> None:
+    """The effective settings for a persona/preset/flags, and where each value comes from."""
+    with guard():
+        from chat.cli.common import AppContext
+        from chat.plugins import get_registry
+        from chat.presets import load_preset
+        from chat.sampling import resolve_sampling, split_option
+
+        get_registry()
+        app = AppContext()
+        layers = [("defaults", {}), ("config", app.config.sampling)]
+        if preset:
+            layers.append((f"preset {preset}", load_preset(preset)))
+        if persona:
+            p = app.catalog.resolve(persona)
+            layers.append((f"card {p.label}", p.sampling))
+        layers.append(("flags", dict(split_option(o) for o in option or [])))
+        settings, sources = resolve_sampling(layers)
+        for name, value in settings.model_dump().items():
+            echo(f"  {name} = {value!r}  ({sources.get(name, 'default')})")
+        echo(f"active stages: {', '.join(settings.active_stages())}")

@@ -1,0 +1,191 @@
+"""Running a conversation from the command line: build the session, then answer once or start the REPL."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from chat.cli.common import AppContext
+from chat.errors import ChatError, InputError, UsageError
+
+
+@dataclass
+class Request:
+    prompt: str | None = None
+    model: str | None = None
+    persona: str | None = None
+    system: str | None = None
+    preset: str | None = None
+    flags: dict[str, str] = field(default_factory=dict)
+    options: list[str] = field(default_factory=list)
+    as_json: bool = False
+    stream: bool = True
+    history: bool = True
+    cont: bool = False
+    cid: str | None = None
+    backend: str | None = None
+    backend_options: dict = field(default_factory=dict)
+
+
+def read_stdin() -> str:
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"stdin is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r})",
+            "convert it first, e.g. `iconv -f latin1 -t utf-8 file | chat …`",
+        ) from None
+
+
+def stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def build_prompt(request: Request) -> str | None:
+    """The one-shot prompt, or None for the REPL."""
+    interactive = stdin_is_terminal()
+    if request.prompt == "-":
+        text = read_stdin()
+        if not text.strip():
+            raise InputError("`-` was given but stdin is empty", "pipe the prompt in: echo 'question' | chat -")
+        return text
+    if request.prompt is not None:
+        if not interactive:
+            piped = read_stdin()
+            if piped.strip():
+                return f"{piped.rstrip()}\n\n{request.prompt}"
+        return request.prompt
+    if interactive:
+        return None
+    text = read_stdin()
+    if not text.strip():
+        raise InputError("no prompt given and stdin is empty", 'pass a prompt: chat "question", or run `chat` in a terminal for the REPL')
+    return text
+
+
+def run_request(app: AppContext, request: Request) -> int:
+    from chat.backend import BackendOptions
+    from chat.models import choose_model, load_backend
+    from chat.persona import NO_PERSONA
+    from chat.plugins import get_registry
+    from chat.sampling import normalize_layer, split_option
+    from chat.session import Session
+
+    if request.cont and request.cid:
+        raise UsageError("--continue and --cid both given", "use one: -c for the last conversation, --cid ID for a given one")
+    get_registry()  # plugin stages must be known before settings are validated
+    prompt = build_prompt(request)
+
+    flag_sampling: dict[str, str] = dict(request.flags)
+    for opt in request.options:
+        key, value = split_option(opt)
+        if "=" not in opt:
+            raise UsageError(f"-o {opt!r}: expected KEY=VALUE", "e.g. -o top_p=0.9")
+        flag_sampling[key] = value
+    normalize_layer(flag_sampling, source="flags")
+
+    config = app.config
+    store = None
+    if request.history and config.history:
+        store = app.open_store()
+    cid = request.cid
+    conv_persona = None
+    if request.cont or cid:
+        if store is None:
+            raise UsageError("cannot continue a conversation with history off", "drop --no-history")
+        if request.cont:
+            cid = store.last_conversation_id()
+            if cid is None:
+                raise UsageError("there is no earlier conversation to continue", "start one without -c")
+        conv = store.get_conversation(cid)
+        cid = conv.id
+        conv_persona = conv.persona
+
+    persona_spec = request.persona or conv_persona or config.default_persona
+    persona = app.catalog.resolve(persona_spec) if persona_spec and persona_spec != "default" else NO_PERSONA
+
+    try:
+        options = BackendOptions(**{**config.backend, **request.backend_options})
+    except Exception as exc:  # pydantic ValidationError
+        raise UsageError(f"backend option: {exc}", "see `chat --help`") from None
+    choice = choose_model(request.model, config, app.paths, request.backend)
+    backend = load_backend(choice, options)
+    try:
+        session = Session(
+            backend,
+            catalog=app.catalog,
+            store=store,
+            persona=persona,
+            model_label=choice.label,
+            preset=request.preset,
+            config_sampling=config.sampling,
+            flag_sampling=flag_sampling,
+            system=request.system,
+            conversation_id=cid,
+        )
+        if prompt is None:
+            from chat.repl import Repl
+
+            return Repl(session, app).run()
+        return answer_once(session, prompt, request)
+    finally:
+        backend.close()
+        if store is not None:
+            store.close()
+
+
+def answer_once(session, prompt: str, request: Request) -> int:
+    from chat.render import Renderer
+
+    renderer = Renderer()
+    for note in session.notes:
+        renderer.note(note)
+    session.notes.clear()
+    chunks = session.send(prompt)
+    interrupted = False
+    try:
+        if request.stream:
+            renderer.stream(chunks)
+        else:
+            for _ in chunks:
+                pass
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        chunks.close()
+    for note in session.notes:
+        renderer.note(note)
+    turn = session.last
+    if request.as_json:
+        renderer.json(
+            {
+                "text": turn.text,
+                "model": session.model_label,
+                "persona": session.persona.label if session.persona.name != "default" else None,
+                "finish_reason": turn.finish.reason,
+                "usage": {
+                    "prompt_tokens": turn.finish.usage.prompt_tokens,
+                    "completion_tokens": turn.finish.usage.completion_tokens,
+                },
+                "timings": {
+                    "ttft_s": round(turn.finish.timings.ttft_s, 6),
+                    "tokens_per_s": round(turn.finish.timings.tokens_per_s, 3),
+                },
+                "conversation_id": session.conversation_id,
+            }
+        )
+    elif not request.stream:
+        renderer.out.write(turn.text + ("" if turn.text.endswith("\n") else "\n"))
+        renderer.out.flush()
+    if interrupted:
+        return 130
+    if turn.finish.reason == "error":
+        return 1
+    return 0
+
+
+__all__ = ["Request", "run_request", "ChatError"]

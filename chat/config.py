@@ -1,0 +1,111 @@
+"""Where things live and what the user configured.
+
+Directories come from platformdirs and can be moved with ``CHAT_CONFIG_DIR`` and
+``CHAT_DATA_DIR`` (tests and portable installs use them). The config file is
+``config.toml`` in the config dir; everything in it is optional.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from chat.errors import ConfigError
+
+APP = "chat"
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="a GGUF file, a Hugging Face model folder, or a model id")
+    backend: str | None = None
+    context_size: int | None = None
+    gpu_layers: int | None = None
+
+
+class ConfigFile(BaseModel):
+    """The schema of ``config.toml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_model: str | None = None
+    default_persona: str | None = None
+    history: bool = True
+    models: dict[str, str | ModelEntry] = Field(default_factory=dict)
+    backend: dict[str, Any] = Field(default_factory=dict)
+    sampling: dict[str, Any] = Field(default_factory=dict)
+
+
+class Paths:
+    """The user's directories, created on first use."""
+
+    @cached_property
+    def config_dir(self) -> Path:
+        env = os.environ.get("CHAT_CONFIG_DIR")
+        if env:
+            return Path(env).expanduser()
+        import platformdirs
+
+        return Path(platformdirs.user_config_dir(APP, appauthor=False))
+
+    @cached_property
+    def data_dir(self) -> Path:
+        env = os.environ.get("CHAT_DATA_DIR")
+        if env:
+            return Path(env).expanduser()
+        import platformdirs
+
+        return Path(platformdirs.user_data_dir(APP, appauthor=False))
+
+    @property
+    def config_file(self) -> Path:
+        return self.config_dir / "config.toml"
+
+    @property
+    def personas_dir(self) -> Path:
+        return self.config_dir / "personas"
+
+    @property
+    def presets_dir(self) -> Path:
+        return self.config_dir / "presets"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def history_db(self) -> Path:
+        return self.data_dir / "history.db"
+
+    @property
+    def input_history(self) -> Path:
+        return self.data_dir / "input_history"
+
+
+def load_config(paths: Paths) -> ConfigFile:
+    file = paths.config_file
+    if not file.is_file():
+        return ConfigFile()
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+        return ConfigFile.model_validate(data)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}", "fix the file or move it away") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{file}: {loc}: {err['msg']}", "see README's Configuration section") from None
+
+
+def model_entry(config: ConfigFile, name: str) -> ModelEntry | None:
+    """The config entry for an alias, if ``name`` is one."""
+    entry = config.models.get(name)
+    if entry is None:
+        return None
+    return ModelEntry(path=entry) if isinstance(entry, str) else entry

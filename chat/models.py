@@ -1,0 +1,116 @@
+"""Finding models: aliases, paths, the Hugging Face cache and the user's model dir; loading one backend."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from chat.backend import Backend, BackendOptions
+from chat.config import ConfigFile, Paths, model_entry
+from chat.errors import ModelError, NoModelError, UsageError
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    spec: str  # what the user wrote (alias or path)
+    location: str  # the path or id a backend loads
+    backend: str | None  # forced backend name, if any
+    label: str  # how listings and history name it
+    options: dict
+
+
+def how_to_get_a_model(paths: Paths) -> str:
+    return (
+        "download one with `chat models pull REPO FILE` (e.g. chat models pull Qwen/Qwen2.5-0.5B-Instruct-GGUF "
+        f"qwen2.5-0.5b-instruct-q4_k_m.gguf), pass `-m /path/to/model.gguf`, or set default_model in {paths.config_file}"
+    )
+
+
+def choose_model(spec: str | None, config: ConfigFile, paths: Paths, backend: str | None = None) -> ModelChoice:
+    spec = spec or os.environ.get("CHAT_MODEL") or config.default_model
+    if not spec:
+        raise NoModelError("no model given and none configured", how_to_get_a_model(paths))
+    entry = model_entry(config, spec)
+    if entry is not None:
+        opts = {k: v for k, v in (("context_size", entry.context_size), ("gpu_layers", entry.gpu_layers)) if v is not None}
+        return ModelChoice(spec, str(Path(entry.path).expanduser()), backend or entry.backend, spec, opts)
+    path = Path(spec).expanduser()
+    if not path.exists() and not _looks_like_id(spec):
+        aliases = ", ".join(sorted(config.models)) or "none configured"
+        raise ModelError(f"{spec}: no such model file or alias (aliases: {aliases})", how_to_get_a_model(paths))
+    return ModelChoice(spec, str(path) if path.exists() else spec, backend, path.name if path.exists() else spec, {})
+
+
+def _looks_like_id(spec: str) -> bool:
+    """A Hugging Face model id (org/name) that a backend may find in the local cache."""
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def load_backend(choice: ModelChoice, options: BackendOptions) -> Backend:
+    from chat.plugins import get_registry
+
+    backends = get_registry().backends
+    if choice.backend:
+        cls = backends.get(choice.backend)
+        if cls is None:
+            raise UsageError(f"unknown backend {choice.backend!r}", f"installed backends: {', '.join(sorted(backends)) or 'none'}")
+    else:
+        cls = next((c for c in backends.values() if c.can_load(choice.location)), None)
+        if cls is None:
+            if not backends:
+                raise ModelError("no backend plugin is installed", 'install one: pip install "chat[llamacpp]"')
+            raise ModelError(
+                f"{choice.location}: no installed backend can load this",
+                f"use a .gguf file (llama.cpp) or a Hugging Face model folder; installed backends: {', '.join(sorted(backends))}",
+            )
+    merged = options.model_copy(update={k: v for k, v in choice.options.items() if k not in options.model_fields_set})
+    return cls(choice.location, merged)
+
+
+@dataclass(frozen=True)
+class FoundModel:
+    path: Path
+    size: int
+    where: str  # "models dir", "hf cache: REPO"
+
+
+def find_gguf_files(paths: Paths) -> list[FoundModel]:
+    """GGUF files in the user's model dir and the Hugging Face hub cache."""
+    found: list[FoundModel] = []
+    if paths.models_dir.is_dir():
+        for f in sorted(paths.models_dir.rglob("*.gguf")):
+            found.append(FoundModel(f, f.stat().st_size, "models dir"))
+    try:
+        from huggingface_hub import constants
+
+        cache = Path(constants.HF_HUB_CACHE)
+    except Exception:  # pragma: no cover - hub not importable
+        cache = None
+    if cache and cache.is_dir():
+        for repo in sorted(cache.glob("models--*")):
+            name = repo.name.removeprefix("models--").replace("--", "/")
+            for f in sorted(repo.glob("snapshots/*/**/*.gguf")):
+                try:
+                    size = f.stat().st_size
+                except OSError:
+                    continue
+                found.append(FoundModel(f, size, f"hf cache: {name}"))
+    return found
+
+
+def pull(repo: str, filename: str, paths: Paths) -> Path:
+    """Download one GGUF file from the Hugging Face hub into the user's model dir (progress bar from huggingface_hub)."""
+    if not filename.endswith(".gguf"):
+        raise UsageError(f"{filename}: not a .gguf file", "chat runs GGUF files; pick one from the repo's file list")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    target = paths.models_dir / repo.replace("/", "__")
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename, local_dir=target))
+    except LocalEntryNotFoundError as exc:
+        raise ModelError(f"{repo}/{filename}: cannot reach the Hugging Face hub ({exc.__class__.__name__})", "check your network, or copy the file by hand into " + str(paths.models_dir)) from None
+    except HfHubHTTPError as exc:
+        raise ModelError(f"{repo}/{filename}: download failed: {exc}", "check the repo and file names on huggingface.co") from None

@@ -1,0 +1,283 @@
+"""The interactive REPL (prompt_toolkit): streaming answers, slash commands, completion, input history."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prompt_toolkit.completion import Completer, Completion
+
+from chat.errors import ChatError
+from chat.render import Renderer
+
+BUILTIN_COMMANDS: dict[str, str] = {
+    "help": "show this help",
+    "persona": "/persona NAME or a mix teacher:0.7,pirate:0.3 — switch persona (the model stays loaded)",
+    "set": "/set KEY VALUE — change a sampler setting (`/set KEY default` to unset)",
+    "system": "/system TEXT — replace the system prompt (`/system` alone shows it, `/system default` restores the persona's)",
+    "retry": "answer the last message again",
+    "undo": "remove the last exchange",
+    "clear": "start a new conversation (same model and persona)",
+    "info": "model, persona, sampler settings, context used / size",
+    "adapters": "active adapters and control vectors with their effective scales",
+    "save": "/save [FILE.md|FILE.json] — write the conversation to a file (it is always kept in history)",
+    "exit": "leave (Ctrl-D also works)",
+}
+
+
+class Repl:
+    def __init__(self, session, app) -> None:
+        self.session = session
+        self.app = app
+        self.renderer = Renderer()
+        self.running = True
+        from chat.plugins import get_registry
+
+        self.plugin_commands: dict[str, tuple[Callable, str, str]] = get_registry().commands
+
+    # --- output helpers available to plugin commands ----------------------------------
+
+    def print(self, text: str = "") -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    def note(self, text: str) -> None:
+        self.renderer.note(text)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        prompt = self._make_prompt()
+        self._flush_notes()
+        greeting = self.session.persona.greeting
+        who = self.session.persona.label
+        self.renderer.dim(f"chat · {self.session.model_label} · persona {who} · /help for commands, Ctrl-D to quit")
+        if greeting:
+            self.print(greeting)
+        while self.running:
+            try:
+                text = prompt.prompt(self._prompt_text())
+            except KeyboardInterrupt:
+                continue  # Ctrl-C at the prompt clears the line
+            except EOFError:
+                break
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                if text.startswith("/"):
+                    self._command(text)
+                else:
+                    self._answer(self.session.send(text))
+            except ChatError as exc:
+                self.renderer.err_console.print(f"error: {exc}", style="bold red", markup=False)
+            self._flush_notes()
+        return 0
+
+    def _prompt_text(self) -> str:
+        p = self.session.persona
+        return f"{p.label if p.name != 'default' else ''}> "
+
+    def _answer(self, chunks) -> None:
+        try:
+            for chunk in chunks:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            chunks.close()
+            sys.stdout.write("\n")
+            self.renderer.note("[interrupted — the partial answer is kept]")
+            return
+        finally:
+            chunks.close()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        finish = self.session.last.finish
+        if finish.reason == "length":
+            self.renderer.note("[stopped: max tokens or context limit reached]")
+
+    def _flush_notes(self) -> None:
+        for note in self.session.notes:
+            self.renderer.note(note)
+        self.session.notes.clear()
+
+    # --- commands ---------------------------------------------------------------------
+
+    def _command(self, text: str) -> None:
+        name, _, arg = text[1:].partition(" ")
+        name, arg = name.strip().lower(), arg.strip()
+        if name in ("exit", "quit", "q"):
+            self.running = False
+            return
+        handler = getattr(self, f"cmd_{name}", None)
+        if handler is not None:
+            handler(arg)
+            return
+        if name in self.plugin_commands:
+            fn, _, _ = self.plugin_commands[name]
+            fn(self, arg)
+            return
+        import difflib
+
+        names = list(BUILTIN_COMMANDS) + list(self.plugin_commands)
+        close = difflib.get_close_matches(name, names, n=1)
+        tip = f"did you mean /{close[0]}? " if close else ""
+        raise ChatError(f"unknown command /{name}", f"{tip}/help lists commands")
+
+    def cmd_help(self, arg: str) -> None:
+        for name, help_ in BUILTIN_COMMANDS.items():
+            self.print(f"/{name:<9} {help_}")
+        for name, (_, help_, plugin) in sorted(self.plugin_commands.items()):
+            self.print(f"/{name:<9} {help_}  [{plugin}]")
+        self.print("Enter sends; Esc then Enter (or Alt-Enter) adds a new line; Ctrl-C stops an answer; Ctrl-D quits.")
+
+    def cmd_persona(self, arg: str) -> None:
+        if not arg:
+            self.print(f"persona: {self.session.persona.label}")
+            return
+        import time
+
+        started = time.perf_counter()
+        persona = self.session.switch_persona(arg)
+        ms = (time.perf_counter() - started) * 1000
+        self.renderer.dim(f"persona → {persona.label} ({ms:.1f} ms; model not reloaded)")
+        if persona.greeting:
+            self.print(persona.greeting)
+
+    def cmd_set(self, arg: str) -> None:
+        if not arg:
+            raise ChatError("/set needs KEY VALUE", "e.g. /set temperature 0.2")
+        from chat.sampling import split_option
+
+        key, value = split_option(arg)
+        if key.startswith("adapter.") or key.startswith("steering."):
+            setter = getattr(self.session, "set_part_scale", None)
+            if setter is None:
+                raise ChatError(f"{key}: not supported here")
+            setter(key, value)
+            return
+        self.session.set_option(arg)
+        shown = self.session.sampling.model_dump().get(key, value)
+        self.renderer.dim(f"{key} = {shown}")
+
+    def cmd_system(self, arg: str) -> None:
+        if not arg:
+            self.print(self.session.system_prompt or "(no system prompt)")
+            return
+        self.session.system_override = None if arg == "default" else arg
+        self.renderer.dim("system prompt updated")
+
+    def cmd_retry(self, arg: str) -> None:
+        self._answer(self.session.regenerate())
+
+    def cmd_undo(self, arg: str) -> None:
+        n = self.session.undo()
+        self.renderer.dim(f"removed {n} message(s)")
+
+    def cmd_clear(self, arg: str) -> None:
+        self.session.clear()
+        self.renderer.dim("new conversation")
+
+    def cmd_info(self, arg: str) -> None:
+        s = self.session
+        info = s.backend.info()
+        self.print(f"model:    {s.model_label}  ({info.get('path', '')})")
+        self.print(f"backend:  {s.backend.name}")
+        self.print(f"persona:  {s.persona.label}  [{s.persona.source}]")
+        self.print(f"context:  {s.context_used()} / {s.backend.context_size} tokens")
+        self.print(f"conversation: {s.conversation_id or '(not saved yet)'}")
+        changed = s.sampling.model_dump(exclude_defaults=True)
+        self.print("sampling: " + (", ".join(f"{k}={v} ({s.sampling_sources.get(k, 'default')})" for k, v in changed.items()) or "defaults"))
+        self.print(f"stages:   {', '.join(s.sampling.active_stages())}")
+        for key in ("architecture", "parameters", "template", "gpu_layers", "threads"):
+            if key in info:
+                self.print(f"{key + ':':<9} {info[key]}")
+
+    def cmd_adapters(self, arg: str) -> None:
+        from chat.partsinfo import describe_parts
+
+        lines = describe_parts(self.session.persona)
+        active = getattr(self.session.backend, "active_parts", None)
+        if active is not None:
+            lines = active()
+        self.print("\n".join(lines) if lines else "no adapters or control vectors are active")
+
+    def cmd_save(self, arg: str) -> None:
+        s = self.session
+        path = Path(arg or f"chat-{s.conversation_id or 'conversation'}.md").expanduser()
+        if path.suffix == ".json":
+            data = {
+                "model": s.model_label,
+                "persona": s.persona.label,
+                "system": s.system_prompt,
+                "messages": [{"role": m.role, "content": m.content} for m in s.turns],
+            }
+            path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+        else:
+            lines = [f"# Conversation with {s.model_label}", ""]
+            for m, who in zip(s.turns, s.turn_personas):
+                head = "You" if m.role == "user" else f"Assistant ({who})"
+                lines += [f"## {head}", "", m.content, ""]
+            path.write_text("\n".join(lines), encoding="utf-8")
+        self.renderer.dim(f"saved {path}")
+
+    # --- prompt_toolkit -----------------------------------------------------------------
+
+    def _make_prompt(self):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+
+        bindings = KeyBindings()
+
+        @bindings.add("escape", "enter")
+        def _newline(event: Any) -> None:
+            event.current_buffer.insert_text("\n")
+
+        history_file = self.app.paths.input_history
+        try:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+            history = FileHistory(str(history_file))
+        except OSError:
+            history = InMemoryHistory()
+        return PromptSession(
+            history=history,
+            completer=SlashCompleter(self),
+            key_bindings=bindings,
+            complete_while_typing=False,
+            enable_history_search=False,
+        )
+
+
+class SlashCompleter(Completer):
+    """Completes /commands, persona names after /persona, and setting names after /set."""
+
+    def __init__(self, repl: Repl) -> None:
+        self.repl = repl
+
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        if not text.startswith("/"):
+            return
+        if " " not in text:
+            names = list(BUILTIN_COMMANDS) + list(self.repl.plugin_commands)
+            for name in names:
+                if name.startswith(text[1:]):
+                    yield Completion("/" + name, start_position=-len(text))
+            return
+        command, _, arg = text.partition(" ")
+        word = arg.split(",")[-1].split(":")[0] if command == "/persona" else arg
+        if command == "/persona":
+            choices = self.repl.session.catalog.names() if self.repl.session.catalog else []
+        elif command == "/set" and " " not in arg:
+            from chat.sampling import FIELD_NAMES
+
+            choices = list(FIELD_NAMES)
+        else:
+            return
+        for choice in choices:
+            if choice.startswith(word):
+                yield Completion(choice, start_position=-len(word))

@@ -1,0 +1,288 @@
+"""Sampler settings: one validated value with one meaning on every backend.
+
+Each backend maps :class:`SamplerSettings` onto its library's native stages
+(llama.cpp's sampler chain, transformers' logits processors). Every field has a
+default and a value that disables it; by default every penalty and filter is
+off, so ``temperature = 0`` is the pure argmax of the model's logits.
+
+Settings arrive in layers — defaults < preset < card < REPL ``/set`` < flags —
+and :func:`resolve_sampling` merges them, remembering where each value came from
+so ``/info`` and ``chat samplers show`` can say so.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from chat.errors import SamplingError
+
+# The stages a backend must implement natively, in llama.cpp's default order.
+BUILTIN_STAGES: tuple[str, ...] = (
+    "penalties",
+    "dry",
+    "top_n_sigma",
+    "top_k",
+    "typical_p",
+    "top_p",
+    "min_p",
+    "xtc",
+    "temperature",
+)
+DEFAULT_ORDER: tuple[str, ...] = BUILTIN_STAGES
+
+LIST_FIELDS = {"stop", "order", "dry_sequence_breakers"}
+
+
+class SamplerSettings(BaseModel):
+    """Every sampler setting. The description of each field names its range and its "off" value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    temperature: float = Field(0.8, ge=0.0, le=10.0, description="0 = greedy (argmax); range 0..10")
+    dynatemp_range: float = Field(0.0, ge=0.0, le=10.0, description="dynamic temperature ± range; 0 = off")
+    dynatemp_exponent: float = Field(1.0, gt=0.0, le=10.0, description="dynamic temperature exponent; >0")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 = off")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling; 0 < top_p ≤ 1, 1 = off")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens below min_p × the top probability; 0..1, 0 = off")
+    typical_p: float = Field(1.0, gt=0.0, le=1.0, description="locally typical sampling; 0 < typical_p ≤ 1, 1 = off")
+    top_n_sigma: float = Field(-1.0, ge=-1.0, le=100.0, description="keep logits within n standard deviations of the max; ≤ 0 = off")
+    xtc_probability: float = Field(0.0, ge=0.0, le=1.0, description="exclude-top-choices probability; 0..1, 0 = off")
+    xtc_threshold: float = Field(0.1, ge=0.0, le=1.0, description="XTC threshold; 0..1 (> 0.5 = off)")
+    dry_multiplier: float = Field(0.0, ge=0.0, le=100.0, description="DRY repetition penalty strength; 0 = off")
+    dry_base: float = Field(1.75, ge=1.0, le=10.0, description="DRY base; ≥ 1")
+    dry_allowed_length: int = Field(2, ge=1, le=1000, description="DRY: repeats up to this length are free; ≥ 1")
+    dry_penalty_last_n: int = Field(-1, ge=-1, description="DRY window in tokens; -1 = whole context, 0 = off")
+    dry_sequence_breakers: tuple[str, ...] = Field(("\n", ":", '"', "*"), description="strings that reset DRY matching")
+    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0, description="repetition penalty; 1 = off")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="frequency penalty; -2..2, 0 = off")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="presence penalty; -2..2, 0 = off")
+    penalty_last_n: int = Field(64, ge=-1, description="window for repeat/frequency/presence penalties; -1 = whole context, 0 = off")
+    mirostat: Literal[0, 1, 2] = Field(0, description="mirostat version: 0 = off, 1 or 2")
+    mirostat_tau: float = Field(5.0, gt=0.0, le=100.0, description="mirostat target surprise; > 0")
+    mirostat_eta: float = Field(0.1, gt=0.0, le=1.0, description="mirostat learning rate; 0 < eta ≤ 1")
+    logit_bias: dict[int, float] = Field(default_factory=dict, description="token id → bias added to its logit")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="random seed; unset = random each run")
+    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate; unset = until the context is full")
+    stop: tuple[str, ...] = Field((), description="strings that end the answer (not included in it)")
+    order: tuple[str, ...] = Field(DEFAULT_ORDER, description="the stages, in the order they run")
+    stage_params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="settings of plugin stages: {stage: {param: value}}"
+    )
+
+    @field_validator("order")
+    @classmethod
+    def _order_has_no_repeats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        seen = set()
+        for stage in value:
+            if stage in seen:
+                raise ValueError(f"stage {stage!r} is listed twice")
+            seen.add(stage)
+        known = set(BUILTIN_STAGES) | set(_plugin_stage_names())
+        for stage in value:
+            if stage not in known:
+                close = difflib.get_close_matches(stage, sorted(known), n=1)
+                tip = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown stage {stage!r}{tip} (known: {', '.join(sorted(known))})")
+        return value
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 and self.mirostat == 0
+
+    def active_stages(self) -> list[str]:
+        """The stages in ``order`` that change anything with these values."""
+        return [s for s in self.order if stage_is_active(self, s)]
+
+
+def stage_is_active(settings: SamplerSettings, stage: str) -> bool:
+    """Whether ``stage`` changes the distribution with ``settings`` (built-ins only; plugin stages always run)."""
+    s = settings
+    match stage:
+        case "penalties":
+            return s.penalty_last_n != 0 and (
+                s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0 or s.presence_penalty != 0.0
+            )
+        case "dry":
+            return s.dry_multiplier > 0.0 and s.dry_penalty_last_n != 0
+        case "top_n_sigma":
+            return s.top_n_sigma > 0.0
+        case "top_k":
+            return s.top_k > 0
+        case "typical_p":
+            return s.typical_p < 1.0
+        case "top_p":
+            return s.top_p < 1.0
+        case "min_p":
+            return s.min_p > 0.0
+        case "xtc":
+            return s.xtc_probability > 0.0 and s.xtc_threshold <= 0.5
+        case "temperature":
+            return True
+    return True
+
+
+# --- plugin stages -----------------------------------------------------------------
+
+_PLUGIN_STAGES: dict[str, Any] = {}
+
+
+def _plugin_stage_names() -> list[str]:
+    return list(_PLUGIN_STAGES)
+
+
+def set_plugin_stages(stages: Mapping[str, Any]) -> None:
+    """Tell validation which plugin stages exist (called once plugins are loaded)."""
+    _PLUGIN_STAGES.clear()
+    _PLUGIN_STAGES.update(stages)
+
+
+def plugin_stages() -> dict[str, Any]:
+    return dict(_PLUGIN_STAGES)
+
+
+# --- presets -------------------------------------------------------------------------
+
+BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
+    "greedy": {"temperature": 0.0},
+    "precise": {"temperature": 0.2, "top_k": 40, "top_p": 0.9, "min_p": 0.05},
+    "balanced": {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.05},
+    "creative": {"temperature": 1.0, "min_p": 0.05, "xtc_probability": 0.5, "xtc_threshold": 0.1, "dry_multiplier": 0.8},
+}
+
+
+# --- parsing and layering ------------------------------------------------------------
+
+FIELD_NAMES = tuple(n for n in SamplerSettings.model_fields if n != "stage_params")
+
+
+def parse_value(key: str, raw: str) -> Any:
+    """Turn a ``KEY=VALUE`` string from the command line into a value pydantic can validate."""
+    raw = raw.strip()
+    if key in LIST_FIELDS:
+        if raw.startswith("["):
+            try:
+                return tuple(json.loads(raw))
+            except json.JSONDecodeError as exc:
+                raise SamplingError(f"{key}={raw}: not a JSON list ({exc.msg})", "write a,b,c or [\"a\", \"b\"]") from None
+        if key == "order":
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        return tuple(p.encode().decode("unicode_escape") for p in raw.split(",")) if raw else ()
+    if key == "logit_bias":
+        bias: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in raw.split(","))):
+            tok, sep, val = part.partition(":")
+            if not sep:
+                raise SamplingError(f"logit_bias={raw}: expected TOKEN_ID:BIAS pairs", "e.g. -o logit_bias=15:-100,27:2.5")
+            bias[tok.strip()] = val.strip()
+        return bias
+    if raw.lower() in {"none", "null", "off", ""} and key in {"seed", "max_tokens"}:
+        return None
+    return raw
+
+
+def split_option(text: str) -> tuple[str, str]:
+    """Split ``KEY=VALUE`` (as given to ``-o``) or ``KEY VALUE`` (as given to ``/set``)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        key, _, value = text.strip().partition(" ")
+    key = key.strip().replace("-", "_")
+    if not key:
+        raise SamplingError(f"{text!r}: expected KEY=VALUE", "e.g. -o top_p=0.9")
+    return key, value
+
+
+def normalize_layer(values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+    """Check the keys of one layer and turn CLI strings into values; plugin-stage keys look like ``stage.param``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if "." in key:
+            stage, _, param = key.partition(".")
+            if stage not in _PLUGIN_STAGES:
+                raise SamplingError(
+                    f"{source}: unknown sampler stage {stage!r} in {key!r}",
+                    f"run `chat samplers` to list stages{_suggest(stage, _PLUGIN_STAGES)}",
+                )
+            params = dict(out.get("stage_params", {}).get(stage, {}))
+            params[param] = value
+            out.setdefault("stage_params", {})[stage] = params
+            continue
+        if key not in FIELD_NAMES:
+            raise SamplingError(
+                f"{source}: unknown sampler setting {key!r}",
+                f"run `chat samplers` to list settings{_suggest(key, FIELD_NAMES)}",
+            )
+        out[key] = parse_value(key, value) if isinstance(value, str) else value
+    return out
+
+
+def _suggest(name: str, choices: Sequence[str] | Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def resolve_sampling(layers: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[SamplerSettings, dict[str, str]]:
+    """Merge layers (lowest precedence first) into settings and a map field → the layer that set it."""
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for source, values in layers:
+        layer = normalize_layer(values, source=source)
+        for key, value in layer.items():
+            if key == "stage_params":
+                for stage, params in value.items():
+                    merged.setdefault("stage_params", {}).setdefault(stage, {}).update(params)
+                    for p in params:
+                        sources[f"{stage}.{p}"] = source
+            else:
+                merged[key] = value
+                sources[key] = source
+    try:
+        settings = SamplerSettings(**merged)
+    except ValidationError as exc:
+        raise _sampling_error(exc, merged, sources) from None
+    _check_stage_params(settings, sources)
+    return settings, sources
+
+
+def _check_stage_params(settings: SamplerSettings, sources: Mapping[str, str]) -> None:
+    for stage, params in settings.stage_params.items():
+        spec = _PLUGIN_STAGES.get(stage)
+        if spec is None:
+            raise SamplingError(f"unknown sampler stage {stage!r}", "run `chat samplers` to list stages")
+        try:
+            spec.params(**params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise SamplingError(
+                f"{sources.get(f'{stage}.{field}', 'settings')}: {stage}.{field}: {err['msg']}",
+                f"see `chat samplers` for {stage}'s parameters",
+            ) from None
+
+
+def _sampling_error(exc: ValidationError, merged: Mapping[str, Any], sources: Mapping[str, str]) -> SamplingError:
+    err = exc.errors()[0]
+    field = str(err["loc"][0]) if err["loc"] else "settings"
+    value = merged.get(field, "")
+    if isinstance(value, tuple):
+        value = ",".join(map(str, value))
+    info = SamplerSettings.model_fields.get(field)
+    allowed = info.description if info and info.description else ""
+    msg = err["msg"].removeprefix("Value error, ")
+    where = sources.get(field, "settings")
+    return SamplingError(f"{where}: {field}={value}: {msg}", f"allowed: {allowed}" if allowed else None)
+
+
+def describe_fields() -> list[tuple[str, Any, str]]:
+    """(name, default, description) for every setting, for ``chat samplers``."""
+    out = []
+    for name in FIELD_NAMES:
+        info = SamplerSettings.model_fields[name]
+        default = info.default_factory() if info.default_factory else info.default
+        out.append((name, default, info.description or ""))
+    return out

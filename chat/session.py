@@ -1,0 +1,259 @@
+"""One conversation: its messages, persona, sampler layers, context policy and saving.
+
+The session never knows which backend runs. It builds the prompt (system prompt,
+knowledge, example dialogue, the conversation), fits it to the context window,
+streams the answer from the backend and commits both sides to the store: the
+user's message before generation starts, the answer as soon as it ends or is
+interrupted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from chat.backend import Backend, Finish, Message, Timings, Usage
+from chat.catalog import PersonaCatalog
+from chat.context import Fitted, fit_context
+from chat.errors import ChatError, SamplingError
+from chat.persona import NO_PERSONA, Persona
+from chat.sampling import BUILTIN_PRESETS, SamplerSettings, resolve_sampling, split_option
+
+
+@dataclass
+class Turn:
+    """The last answer's outcome, for renderers and ``--json``."""
+
+    text: str = ""
+    finish: Finish = field(default_factory=lambda: Finish("stop"))
+    dropped: int = 0  # older messages left out to fit the context
+
+
+class Session:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        catalog: PersonaCatalog | None = None,
+        store: Any = None,
+        persona: Persona = NO_PERSONA,
+        model_label: str = "",
+        preset: str | None = None,
+        config_sampling: Mapping[str, Any] | None = None,
+        flag_sampling: Mapping[str, Any] | None = None,
+        system: str | None = None,
+        conversation_id: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.catalog = catalog
+        self.store = store
+        self.model_label = model_label or backend.model_name
+        self.preset = preset
+        self.preset_values = _preset(preset)
+        self.config_sampling = dict(config_sampling or {})
+        self.flag_sampling = dict(flag_sampling or {})
+        self.repl_sampling: dict[str, Any] = {}
+        self.system_override = system
+        self.turns: list[Message] = []
+        self.turn_personas: list[str | None] = []
+        self.conversation_id = conversation_id
+        self.last = Turn()
+        self.notes: list[str] = []  # messages for the user from the last operation
+        self.persona = persona
+        self.notes.extend(self.backend.apply(persona))
+        self.sampling, self.sampling_sources = self._resolve_sampling()
+        if conversation_id and store is not None:
+            self._load(conversation_id)
+
+    # --- persona and settings ---------------------------------------------------------
+
+    def switch_persona(self, spec: str) -> Persona:
+        """Switch (or mix) personas mid-conversation; the base model stays loaded."""
+        if self.catalog is None:
+            raise ChatError("no persona catalog is available")
+        persona = self.catalog.resolve(spec)
+        old = self.persona
+        self.persona = persona
+        try:
+            self.sampling, self.sampling_sources = self._resolve_sampling()
+            self.notes.extend(self.backend.apply(persona))
+        except ChatError:
+            self.persona = old
+            self.sampling, self.sampling_sources = self._resolve_sampling()
+            self.backend.apply(old)
+            raise
+        return persona
+
+    def set_option(self, text: str) -> None:
+        """``/set KEY VALUE``: a REPL-level sampler setting (flags still win)."""
+        key, value = split_option(text)
+        if value.strip().lower() in {"default", "unset", "reset"}:
+            self.repl_sampling.pop(key, None)
+        else:
+            self.repl_sampling[key] = value
+        try:
+            self.sampling, self.sampling_sources = self._resolve_sampling()
+        except SamplingError:
+            self.repl_sampling.pop(key, None)
+            raise
+        if key in self.flag_sampling:
+            self.notes.append(f"note: {key} is also set by a command-line flag, which wins")
+
+    def _resolve_sampling(self) -> tuple[SamplerSettings, dict[str, str]]:
+        layers = [
+            ("defaults", {}),
+            ("config", self.config_sampling),
+            (f"preset {self.preset}", self.preset_values),
+            (f"card {self.persona.label}", self.persona.sampling),
+            ("/set", self.repl_sampling),
+            ("flags", self.flag_sampling),
+        ]
+        return resolve_sampling(layers)
+
+    @property
+    def system_prompt(self) -> str:
+        system = self.system_override if self.system_override is not None else self.persona.system
+        if self.persona.knowledge:
+            facts = "\n".join(f"- {k}" for k in self.persona.knowledge)
+            system = f"{system}\n\nWhat you know:\n{facts}".strip()
+        return system
+
+    def fixed_messages(self) -> list[Message]:
+        out: list[Message] = []
+        if self.system_prompt:
+            out.append(Message("system", self.system_prompt))
+        for ex in self.persona.examples:
+            out.append(Message("user", ex.user))
+            out.append(Message("assistant", ex.assistant))
+        return out
+
+    # --- conversation -------------------------------------------------------------------
+
+    def send(self, text: str) -> Iterator[str]:
+        """Add the user's message and stream the answer. Closing the iterator interrupts it."""
+        self.turns.append(Message("user", text))
+        self.turn_personas.append(None)
+        try:
+            fitted = self._fit()
+        except ChatError:
+            self.turns.pop()
+            self.turn_personas.pop()
+            raise
+        self._save("user", text)
+        return self._stream(fitted)
+
+    def regenerate(self) -> Iterator[str]:
+        """``/retry``: drop the last answer and answer the same message again."""
+        if not self.turns or self.turns[-1].role != "assistant":
+            raise ChatError("nothing to retry", "send a message first")
+        self.turns.pop()
+        self.turn_personas.pop()
+        if self.store is not None and self.conversation_id:
+            self.store.delete_last_answer(self.conversation_id)
+        return self._stream(self._fit())
+
+    def undo(self) -> int:
+        """``/undo``: remove the last exchange (answer and the message before it)."""
+        if not self.turns:
+            raise ChatError("nothing to undo")
+        removed = 0
+        if self.turns[-1].role == "assistant":
+            self.turns.pop()
+            self.turn_personas.pop()
+            removed += 1
+        if self.turns and self.turns[-1].role == "user":
+            self.turns.pop()
+            self.turn_personas.pop()
+            removed += 1
+        if self.store is not None and self.conversation_id:
+            self.store.delete_last_exchange(self.conversation_id)
+        return removed
+
+    def clear(self) -> None:
+        """``/clear``: start a new conversation with the same model and persona."""
+        self.turns.clear()
+        self.turn_personas.clear()
+        self.conversation_id = None
+
+    def _fit(self) -> Fitted:
+        fitted = fit_context(
+            self.fixed_messages(), self.turns, self.backend.count_tokens, self.backend.context_size, self.sampling.max_tokens
+        )
+        if fitted.dropped:
+            self.notes.append(
+                f"context full: left out the {fitted.dropped} oldest message(s) after the system prompt and examples"
+            )
+        return fitted
+
+    def _stream(self, fitted: Fitted) -> Iterator[str]:
+        parts: list[str] = []
+        finish: Finish | None = None
+        started = time.perf_counter()
+        stream = self.backend.stream(fitted.messages, self.sampling)
+        try:
+            for item in stream:
+                if isinstance(item, Finish):
+                    finish = item
+                else:
+                    parts.append(item)
+                    yield item
+        finally:
+            stream.close()
+            if finish is None:  # closed early or interrupted: keep what we have
+                elapsed = time.perf_counter() - started
+                finish = Finish("interrupted", Usage(prompt_tokens=fitted.prompt_tokens), Timings(prompt_s=elapsed))
+            text = "".join(parts)
+            self.turns.append(Message("assistant", text))
+            self.turn_personas.append(self.persona.label)
+            self.last = Turn(text, finish, fitted.dropped)
+            self._save("assistant", text, finish)
+
+    # --- saving -------------------------------------------------------------------------
+
+    def _save(self, role: str, text: str, finish: Finish | None = None) -> None:
+        if self.store is None:
+            return
+        if self.conversation_id is None:
+            self.conversation_id = self.store.new_conversation(
+                model=self.model_label,
+                persona=self.persona.label,
+                system=self.system_prompt,
+                sampling=self.sampling.model_dump(mode="json", exclude_defaults=True),
+            )
+        if finish is None:
+            self.store.add_message(self.conversation_id, role, text, model=self.model_label)
+        else:
+            self.store.add_message(
+                self.conversation_id,
+                role,
+                text,
+                persona=self.persona.label,
+                model=self.model_label,
+                finish_reason=finish.reason,
+                usage=finish.usage,
+                timings=finish.timings,
+            )
+
+    def _load(self, cid: str) -> None:
+        conv = self.store.get_conversation(cid)
+        self.conversation_id = conv.id
+        for m in self.store.messages(conv.id):
+            if m.role in ("user", "assistant"):
+                self.turns.append(Message(m.role, m.content))
+                self.turn_personas.append(m.persona)
+
+    def context_used(self) -> int:
+        return self.backend.count_tokens(self.fixed_messages() + self.turns) if self.turns or self.fixed_messages() else 0
+
+
+def _preset(name: str | None) -> dict[str, Any]:
+    if not name:
+        return {}
+    from chat.presets import load_preset
+
+    return load_preset(name)
+
+
+__all__ = ["Session", "Turn", "BUILTIN_PRESETS"]
