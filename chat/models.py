@@ -36,10 +36,16 @@ def choose_model(spec: str | None, config: ConfigFile, paths: Paths, backend: st
         opts = {k: v for k, v in (("context_size", entry.context_size), ("gpu_layers", entry.gpu_layers)) if v is not None}
         return ModelChoice(spec, str(Path(entry.path).expanduser()), backend or entry.backend, spec, opts)
     path = Path(spec).expanduser()
-    if not path.exists() and not _looks_like_id(spec):
+    if not path.exists() and not _looks_like_id(spec) and not _claimed_by_backend(spec):
         aliases = ", ".join(sorted(config.models)) or "none configured"
         raise ModelError(f"{spec}: no such model file or alias (aliases: {aliases})", how_to_get_a_model(paths))
     return ModelChoice(spec, str(path) if path.exists() else spec, backend, path.name if path.exists() else spec, {})
+
+
+def _claimed_by_backend(spec: str) -> bool:
+    from chat.plugins import get_registry
+
+    return any(cls.can_load(spec) for cls in get_registry().backends.values())
 
 
 def _looks_like_id(spec: str) -> bool:

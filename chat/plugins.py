@@ -110,7 +110,7 @@ def plugin_summary() -> list[dict[str, Any]]:
     out = []
     for name, plugin in pm.list_name_plugin():
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-        dist = next((d for p, d in pm.list_plugin_distinctinfo() if p is plugin), None)
+        dist = next((d for p, d in pm.list_plugin_distinfo() if p is plugin), None)
         out.append({
             "name": name,
             "hooks": hooks,

@@ -72,7 +72,7 @@ def run_request(app: AppContext, request: Request) -> int:
     from chat.models import choose_model, load_backend
     from chat.persona import NO_PERSONA
     from chat.plugins import get_registry
-    from chat.sampling import normalize_layer, split_option
+    from chat.sampling import resolve_sampling, split_option
     from chat.session import Session
 
     if request.cont and request.cid:
@@ -86,9 +86,10 @@ def run_request(app: AppContext, request: Request) -> int:
         if "=" not in opt:
             raise UsageError(f"-o {opt!r}: expected KEY=VALUE", "e.g. -o top_p=0.9")
         flag_sampling[key] = value
-    normalize_layer(flag_sampling, source="flags")
+    resolve_sampling([("flags", flag_sampling)])  # refuse bad values before a model is loaded
 
     config = app.config
+    choice = choose_model(request.model, config, app.paths, request.backend)
     store = None
     if request.history and config.history:
         store = app.open_store()
@@ -112,7 +113,6 @@ def run_request(app: AppContext, request: Request) -> int:
         options = BackendOptions(**{**config.backend, **request.backend_options})
     except Exception as exc:  # pydantic ValidationError
         raise UsageError(f"backend option: {exc}", "see `chat --help`") from None
-    choice = choose_model(request.model, config, app.paths, request.backend)
     backend = load_backend(choice, options)
     try:
         session = Session(

@@ -1,0 +1,598 @@
+"""The conversation history: one SQLite file shared by every chat process.
+
+Every write commits at once, so a message survives the process being killed
+the moment after it was saved: the user's message before generation starts,
+the answer as soon as it ends or is interrupted. The file runs in WAL mode with
+``synchronous=NORMAL``, which keeps committed transactions across a crash of
+the process (not necessarily across a power cut), and a busy timeout lets two
+chat processes share it. Every sqlite3 failure reaches the user as a
+:class:`StoreError` naming the file and a way out, never as a traceback.
+
+The schema version lives in ``PRAGMA user_version``; :data:`MIGRATIONS` lists
+the steps that bring an older file up to :data:`SCHEMA_VERSION`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from chat.backend import Message, Timings, Usage
+from chat.errors import StoreError
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 5.0
+ID_BYTES = 6  # 12 hex characters: short enough to type, random so short prefixes are unique
+TITLE_CHARS = 80
+
+_HINT = "set CHAT_DATA_DIR to a writable folder, or run with --no-history"
+_FIND_IDS = "`chat history list` shows recent conversations; `chat history search TEXT` finds one by its words"
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One saved conversation's metadata (its messages come from :meth:`Store.messages`)."""
+
+    id: str
+    created_at: str  # ISO 8601, UTC
+    updated_at: str  # time of the last message added
+    title: str  # the first user message, on one line and shortened
+    model: str | None
+    persona: str | None  # label of the persona (or mix) the conversation started with
+    system: str | None  # the system prompt it started with
+    sampling: dict[str, Any]
+    message_count: int
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One saved message with what it cost to produce."""
+
+    id: int
+    conversation_id: str
+    seq: int  # position within the conversation, from 1
+    role: str
+    content: str
+    persona: str | None  # the persona or mix that produced an answer, e.g. "teacher:0.7,pirate:0.3"
+    model: str | None
+    created_at: str
+    finish_reason: str | None  # stop / length / interrupted / error; None for user messages
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    ttft_s: float | None
+    tokens_per_s: float | None
+
+    def to_message(self) -> Message:
+        """The message as the backend sees it."""
+        return Message(self.role, self.content)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A message that matched :meth:`Store.search`."""
+
+    conversation_id: str
+    message_id: int
+    role: str
+    snippet: str  # the matching part of the message, on one line
+    created_at: str
+
+
+# --- schema ------------------------------------------------------------------------------
+
+_SCHEMA_V1 = [
+    """CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        title TEXT NOT NULL DEFAULT '',
+        model TEXT,
+        persona TEXT,
+        system TEXT,
+        sampling TEXT NOT NULL DEFAULT '{}'
+    )""",
+    "CREATE INDEX conversations_updated ON conversations (updated_at)",
+    """CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        persona TEXT,
+        model TEXT,
+        created_at TEXT NOT NULL,
+        finish_reason TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        ttft_s REAL,
+        tokens_per_s REAL,
+        UNIQUE (conversation_id, seq)
+    )""",
+]
+
+# An external-content FTS5 index over messages.content, kept in step by triggers.
+_FTS_SCHEMA = [
+    "CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='messages', content_rowid='id')",
+    """CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+        INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+    END""",
+    """CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+        INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+    END""",
+    """CREATE TRIGGER messages_fts_update AFTER UPDATE OF content ON messages BEGIN
+        INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+        INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+    END""",
+    "INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')",
+]
+
+
+def _migrate_to_1(db: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V1:
+        db.execute(statement)
+
+
+# MIGRATIONS[n] turns a version n-1 file into version n; each runs inside the same
+# write transaction that bumps user_version, so a half-migrated file never exists.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_to_1}
+
+
+def fts5_available() -> bool:
+    """Whether this Python's SQLite was built with FTS5 (search falls back to LIKE without it)."""
+    try:
+        sqlite3.connect(":memory:").execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _title(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+# --- the store ---------------------------------------------------------------------------
+
+
+class Store:
+    """Saved conversations in one SQLite file; safe to share between processes and threads."""
+
+    def __init__(self, path: Path) -> None:
+        """Open (or create, with its parent folders) the history database at ``path``."""
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot create its folder ({exc.strerror or exc})", _HINT) from None
+        if self.path.is_dir():
+            raise StoreError(f"{self.path}: is a folder, not a history database", _HINT)
+        try:
+            # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so that
+            # a writer takes the lock up front and waits (busy timeout) instead of failing.
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._error(exc, "cannot open") from None
+        self._db = db
+        try:
+            with self._guard("cannot open"):
+                db.execute("PRAGMA foreign_keys = ON")
+                db.execute("PRAGMA journal_mode = WAL").fetchone()
+                db.execute("PRAGMA synchronous = NORMAL")
+                self._migrate()
+                self.has_fts = self._has_table("messages_fts")
+        except BaseException:
+            db.close()
+            self._db = None
+            raise
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database; calling it twice is harmless."""
+        with self._lock:
+            if self._db is None:
+                return
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA optimize")
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- writing -----------------------------------------------------------------------
+
+    def new_conversation(
+        self, model: str | None, persona: str | None, system: str | None, sampling: dict[str, Any] | None = None
+    ) -> str:
+        """Start a conversation and return its id (12 hex characters)."""
+        now = _now()
+        with self._write("cannot save a new conversation") as db:
+            while True:
+                cid = secrets.token_hex(ID_BYTES)
+                if db.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone() is None:
+                    break
+            db.execute(
+                "INSERT INTO conversations (id, created_at, updated_at, model, persona, system, sampling)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (cid, now, now, model, persona, system, json.dumps(sampling or {}, sort_keys=True)),
+            )
+        return cid
+
+    def update_conversation(
+        self,
+        cid: str,
+        *,
+        title: str | None = None,
+        model: str | None = None,
+        persona: str | None = None,
+        system: str | None = None,
+        sampling: dict[str, Any] | None = None,
+    ) -> None:
+        """Change a conversation's metadata (e.g. the persona after a switch); None leaves a field alone."""
+        fields: dict[str, Any] = {"title": title, "model": model, "persona": persona, "system": system}
+        if sampling is not None:
+            fields["sampling"] = json.dumps(sampling, sort_keys=True)
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if not fields:
+            return
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        with self._write("cannot update a conversation") as db:
+            cur = db.execute(f"UPDATE conversations SET {assignments} WHERE id = ?", (*fields.values(), cid))
+            if cur.rowcount == 0:
+                raise self._unknown(cid)
+
+    def add_message(
+        self,
+        cid: str,
+        role: str,
+        content: str,
+        *,
+        persona: str | None = None,
+        model: str | None = None,
+        finish_reason: str | None = None,
+        usage: Usage | None = None,
+        timings: Timings | None = None,
+    ) -> int:
+        """Append a message to conversation ``cid`` (its full id) and commit; return the message id.
+
+        The first user message becomes the conversation's title.
+        """
+        now = _now()
+        with self._write("cannot save a message") as db:
+            row = db.execute("SELECT title FROM conversations WHERE id = ?", (cid,)).fetchone()
+            if row is None:
+                raise self._unknown(cid)
+            (seq,) = db.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE conversation_id = ?", (cid,)
+            ).fetchone()
+            cur = db.execute(
+                "INSERT INTO messages (conversation_id, seq, role, content, persona, model, created_at, finish_reason,"
+                " prompt_tokens, completion_tokens, ttft_s, tokens_per_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    cid,
+                    seq,
+                    role,
+                    content,
+                    persona,
+                    model,
+                    now,
+                    finish_reason,
+                    usage.prompt_tokens if usage else None,
+                    usage.completion_tokens if usage else None,
+                    timings.ttft_s if timings else None,
+                    timings.tokens_per_s if timings else None,
+                ),
+            )
+            title = row[0] or (_title(content) if role == "user" else "")
+            db.execute("UPDATE conversations SET updated_at = ?, title = ? WHERE id = ?", (now, title, cid))
+            return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def update_message(
+        self,
+        message_id: int,
+        *,
+        content: str | None = None,
+        finish_reason: str | None = None,
+        usage: Usage | None = None,
+        timings: Timings | None = None,
+    ) -> None:
+        """Change a saved message (e.g. an answer saved early and completed later); None leaves a field alone."""
+        fields: dict[str, Any] = {"content": content, "finish_reason": finish_reason}
+        if usage is not None:
+            fields |= {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+        if timings is not None:
+            fields |= {"ttft_s": timings.ttft_s, "tokens_per_s": timings.tokens_per_s}
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if not fields:
+            return
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        with self._write("cannot update a message") as db:
+            cur = db.execute(f"UPDATE messages SET {assignments} WHERE id = ?", (*fields.values(), message_id))
+            if cur.rowcount == 0:
+                raise StoreError(f"{self.path}: there is no message {message_id}")
+
+    def delete_last_answer(self, cid: str) -> int:
+        """``/retry``: delete the conversation's last message if it is an answer; return how many were deleted."""
+        with self._write("cannot delete a message") as db:
+            return self._delete_last(db, cid, "assistant")
+
+    def delete_last_exchange(self, cid: str) -> int:
+        """``/undo``: delete the last answer and the user message before it; return how many were deleted.
+
+        Mirrors the session: whichever of the two is at the end goes, so an unanswered
+        message is undone on its own.
+        """
+        with self._write("cannot delete messages") as db:
+            return self._delete_last(db, cid, "assistant") + self._delete_last(db, cid, "user")
+
+    def delete_conversation(self, cid: str) -> None:
+        """Delete a conversation and its messages (``cid`` may be a unique prefix)."""
+        full = self.get_conversation(cid).id
+        with self._write("cannot delete a conversation") as db:
+            db.execute("DELETE FROM conversations WHERE id = ?", (full,))
+
+    # --- reading -----------------------------------------------------------------------
+
+    def last_conversation_id(self) -> str | None:
+        """The conversation a message was most recently added to (for ``chat -c``)."""
+        with self._read("cannot read the history") as db:
+            row = db.execute("SELECT id FROM conversations ORDER BY updated_at DESC, rowid DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def get_conversation(self, cid: str) -> Conversation:
+        """The conversation with id ``cid``, or the only one whose id starts with it."""
+        with self._read("cannot read the history") as db:
+            rows = db.execute(_CONVERSATION_SELECT + " WHERE c.id = ?", (cid,)).fetchall()
+            if not rows and cid:
+                rows = db.execute(
+                    _CONVERSATION_SELECT + " WHERE substr(c.id, 1, ?) = ? ORDER BY c.updated_at DESC LIMIT 6",
+                    (len(cid), cid.lower()),
+                ).fetchall()
+        if not rows:
+            raise self._unknown(cid)
+        if len(rows) > 1:
+            ids = ", ".join(r[0] for r in rows[:5]) + (", …" if len(rows) > 5 else "")
+            raise StoreError(f"conversation id {cid!r} is ambiguous: it starts {ids}", "type more of the id")
+        return _conversation(rows[0])
+
+    def messages(self, cid: str) -> list[StoredMessage]:
+        """The conversation's messages in order (``cid`` may be a unique prefix)."""
+        full = self.get_conversation(cid).id
+        with self._read("cannot read the history") as db:
+            rows = db.execute(_MESSAGE_SELECT + " WHERE conversation_id = ? ORDER BY seq", (full,)).fetchall()
+        return [StoredMessage(*row) for row in rows]
+
+    def list_conversations(self, limit: int = 20) -> list[Conversation]:
+        """The most recently updated conversations, newest first."""
+        with self._read("cannot read the history") as db:
+            rows = db.execute(
+                _CONVERSATION_SELECT + " ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [_conversation(r) for r in rows]
+
+    def search(self, text: str, limit: int = 50, mark: tuple[str, str] = ("", "")) -> list[SearchHit]:
+        """Messages containing every word of ``text`` (words match as prefixes), best matches first.
+
+        ``mark`` wraps the matched words in the snippet, e.g. ``("[", "]")``.
+        """
+        words = text.split()
+        if not words:
+            return []
+        with self._read("cannot search the history") as db:
+            if self.has_fts:
+                query = " ".join('"' + w.replace('"', '""') + '"*' for w in words)
+                rows = db.execute(
+                    "SELECT m.conversation_id, m.id, m.role, snippet(messages_fts, 0, ?, ?, '…', 16), m.created_at"
+                    " FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
+                    " WHERE messages_fts MATCH ? ORDER BY rank, m.id DESC LIMIT ?",
+                    (*mark, query, limit),
+                ).fetchall()
+                return [SearchHit(cid, mid, role, " ".join(snip.split()), at) for cid, mid, role, snip, at in rows]
+            where = " AND ".join(["content LIKE ? ESCAPE '\\'"] * len(words))
+            patterns = ["%" + re.sub(r"([\\%_])", r"\\\1", w) + "%" for w in words]
+            rows = db.execute(
+                f"SELECT conversation_id, id, role, content, created_at FROM messages WHERE {where}"
+                " ORDER BY id DESC LIMIT ?",
+                (*patterns, limit),
+            ).fetchall()
+        return [SearchHit(cid, mid, role, _snippet(content, words[0], mark), at) for cid, mid, role, content, at in rows]
+
+    def export(self, cid: str, format: Literal["json", "md"] = "md") -> str:
+        """The conversation as JSON (metadata + messages) or as a readable Markdown transcript."""
+        conv = self.get_conversation(cid)
+        messages = self.messages(conv.id)
+        if format == "json":
+            return json.dumps(
+                {**asdict(conv), "messages": [asdict(m) for m in messages]}, indent=2, ensure_ascii=False
+            )
+        if format == "md":
+            return _markdown(conv, messages)
+        raise StoreError(f"export format {format!r} is unknown", "use json or md")
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        db = self._conn()
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: written by a newer chat (schema {version}, this one knows {SCHEMA_VERSION})",
+                "upgrade chat, or " + _HINT,
+            )
+        want_fts = fts5_available()
+        if version == SCHEMA_VERSION and (self._has_table("messages_fts") or not want_fts):
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again under the write lock: another process may have migrated meanwhile.
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[step](db)
+            if want_fts and not self._has_table("messages_fts"):
+                for statement in _FTS_SCHEMA:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+
+    def _has_table(self, name: str) -> bool:
+        row = self._conn().execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone()
+        return row is not None
+
+    def _delete_last(self, db: sqlite3.Connection, cid: str, role: str) -> int:
+        row = db.execute(
+            "SELECT id, role FROM messages WHERE conversation_id = ? ORDER BY seq DESC LIMIT 1", (cid,)
+        ).fetchone()
+        if row is None or row[1] != role:
+            return 0
+        db.execute("DELETE FROM messages WHERE id = ?", (row[0],))
+        return 1
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError(f"{self.path}: the history database is closed")
+        return self._db
+
+    @contextlib.contextmanager
+    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._guard(what):
+            yield self._conn()
+
+    @contextlib.contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One committed transaction; the write lock is taken up front so the busy timeout applies."""
+        with self._lock, self._guard(what):
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise self._error(exc, what) from None
+
+    def _error(self, exc: sqlite3.Error, what: str) -> StoreError:
+        detail = str(exc)
+        code = getattr(exc, "sqlite_errorname", "")
+        if code.startswith("SQLITE_NOTADB") or code.startswith("SQLITE_CORRUPT") or "not a database" in detail:
+            return StoreError(
+                f"{self.path}: {what}: the file is damaged or not a history database ({detail})",
+                "move the file aside to start a fresh history, or " + _HINT,
+            )
+        if code.startswith("SQLITE_BUSY") or code.startswith("SQLITE_LOCKED"):
+            return StoreError(
+                f"{self.path}: {what}: the database stayed locked for {BUSY_TIMEOUT_S:g} s ({detail})",
+                "another chat process is holding it; try again, or run with --no-history",
+            )
+        if code.startswith("SQLITE_FULL"):
+            return StoreError(f"{self.path}: {what}: the disk is full", "free some space, or run with --no-history")
+        return StoreError(f"{self.path}: {what} ({detail})", _HINT)
+
+    def _unknown(self, cid: str) -> StoreError:
+        return StoreError(f"there is no saved conversation {cid!r}", _FIND_IDS)
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    # SQLite rolls back by itself after some errors (a full disk); don't mask the first error.
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+
+
+_CONVERSATION_SELECT = (
+    "SELECT c.id, c.created_at, c.updated_at, c.title, c.model, c.persona, c.system, c.sampling,"
+    " (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) FROM conversations c"
+)
+_MESSAGE_SELECT = (
+    "SELECT id, conversation_id, seq, role, content, persona, model, created_at, finish_reason,"
+    " prompt_tokens, completion_tokens, ttft_s, tokens_per_s FROM messages"
+)
+
+
+def _conversation(row: tuple[Any, ...]) -> Conversation:
+    cid, created, updated, title, model, persona, system, sampling, count = row
+    try:
+        settings = json.loads(sampling) if sampling else {}
+    except ValueError:
+        settings = {}
+    return Conversation(cid, created, updated, title, model, persona, system, settings, count)
+
+
+def _snippet(content: str, word: str, mark: tuple[str, str], width: int = 60) -> str:
+    """A one-line window of ``content`` around the first ``word`` (the LIKE fallback's snippet)."""
+    line = " ".join(content.split())
+    at = line.lower().find(word.lower())
+    if at < 0:
+        return line[:width] + ("…" if len(line) > width else "")
+    start = max(0, at - width // 2)
+    end = min(len(line), at + len(word) + width // 2)
+    found = line[at : at + len(word)]
+    return (
+        ("…" if start else "")
+        + line[start:at]
+        + mark[0]
+        + found
+        + mark[1]
+        + line[at + len(word) : end]
+        + ("…" if end < len(line) else "")
+    )
+
+
+_FINISH_NOTES = {
+    "interrupted": "*[interrupted]*",
+    "length": "*[cut off at the token limit]*",
+    "error": "*[ended with an error]*",
+}
+
+
+def _markdown(conv: Conversation, messages: list[StoredMessage]) -> str:
+    lines = [f"# {conv.title or 'Conversation ' + conv.id}", ""]
+    facts = [f"id `{conv.id}`", f"started {conv.created_at[:16].replace('T', ' ')} UTC"]
+    if conv.model:
+        facts.append(f"model `{conv.model}`")
+    if conv.persona:
+        facts.append(f"persona `{conv.persona}`")
+    lines += [" · ".join(facts), ""]
+    if conv.system:
+        lines += ["## System", "", conv.system.strip(), ""]
+    for m in messages:
+        if m.role == "assistant":
+            heading = f"## Assistant ({m.persona})" if m.persona and m.persona != "default" else "## Assistant"
+        else:
+            heading = f"## {m.role.capitalize()}"
+        lines += [heading, "", m.content.strip()]
+        if m.finish_reason in _FINISH_NOTES:
+            lines += ["", _FINISH_NOTES[m.finish_reason]]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+__all__ = ["Store", "Conversation", "StoredMessage", "SearchHit", "SCHEMA_VERSION", "MIGRATIONS", "fts5_available"]

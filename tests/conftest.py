@@ -1,0 +1,58 @@
+"""Shared fixtures: an isolated config/data dir per test, the CLI runner, and the tiny real models."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+try:  # the tiny real models (GGUF, safetensors, adapters) built once per session
+    from model_fixtures import *  # noqa: F401,F403
+except ImportError as exc:  # pragma: no cover - only while model_fixtures is missing
+    if "model_fixtures" not in str(exc):
+        raise
+
+
+@pytest.fixture
+def chat_home(tmp_path, monkeypatch):
+    """A fresh config dir and data dir for one test, used by the CLI and subprocesses."""
+    config = tmp_path / "config"
+    data = tmp_path / "data"
+    monkeypatch.setenv("CHAT_CONFIG_DIR", str(config))
+    monkeypatch.setenv("CHAT_DATA_DIR", str(data))
+    monkeypatch.delenv("CHAT_MODEL", raising=False)
+    monkeypatch.delenv("CHAT_DEBUG", raising=False)
+    monkeypatch.setenv("NO_COLOR", "1")
+    return tmp_path
+
+
+@pytest.fixture
+def cli(chat_home):
+    """Run the CLI in-process through typer's CliRunner: cli("-m", "scripted", "hi", input=...)."""
+    from typer.testing import CliRunner
+
+    from chat.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | bytes | None = None):
+        return runner.invoke(app, list(args), input=input, catch_exceptions=False)
+
+    return invoke
+
+
+def chat_exe() -> list[str]:
+    """The installed console script, falling back to ``python -m chat``."""
+    exe = Path(sys.executable).parent / "chat"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "chat"]
+
+
+@pytest.fixture
+def subprocess_env(chat_home):
+    env = dict(os.environ)
+    env["PROMPT_TOOLKIT_NO_CPR"] = "1"
+    return env

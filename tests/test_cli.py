@@ -1,0 +1,170 @@
+"""The command line through its entry point: CliRunner in-process and a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import chat_exe
+
+
+def test_one_shot_streams_answer_and_exits_zero(cli):
+    r = cli("-m", "scripted", "--no-history", "Why is the sky blue?")
+    assert r.exit_code == 0
+    assert r.stdout == "[default] echo: Why is the sky blue?\n"
+
+
+def test_json_has_exactly_the_documented_fields(cli):
+    r = cli("-m", "scripted", "--json", "hello")
+    data = json.loads(r.stdout)
+    assert set(data) == {"text", "model", "persona", "finish_reason", "usage", "timings", "conversation_id"}
+    assert data["text"] == "[default] echo: hello"
+    assert data["finish_reason"] == "stop"
+    assert set(data["usage"]) == {"prompt_tokens", "completion_tokens"}
+    assert data["usage"]["completion_tokens"] == 3
+    assert set(data["timings"]) == {"ttft_s", "tokens_per_s"}
+    assert data["conversation_id"]
+
+
+def test_stdin_is_context_before_the_prompt(cli):
+    r = cli("-m", "scripted", "--json", "--no-history", "summarize", input="TEXT TO SUM")
+    assert json.loads(r.stdout)["text"] == "[default] echo: TEXT TO SUM summarize"
+
+
+def test_dash_reads_the_whole_prompt_from_stdin(cli):
+    r = cli("-m", "scripted", "--no-history", "-", input="from stdin only")
+    assert r.stdout.strip() == "[default] echo: from stdin only"
+
+
+def test_no_prompt_and_piped_stdin_is_a_one_shot(cli):
+    r = cli("-m", "scripted", "--json", "--no-history", input="piped question")
+    assert json.loads(r.stdout)["text"] == "[default] echo: piped question"
+
+
+def test_persona_flag_and_mix(cli):
+    r = cli("-m", "scripted", "--json", "--no-history", "-p", "teacher", "hi")
+    data = json.loads(r.stdout)
+    assert data["persona"] == "teacher" and data["text"].startswith("[teacher]")
+    r = cli("-m", "scripted", "--json", "--no-history", "-p", "teacher:0.7,pirate:0.3", "hi")
+    assert json.loads(r.stdout)["persona"] == "teacher:0.7,pirate:0.3"
+
+
+def test_system_flag_replaces_persona_system_prompt(cli):
+    r = cli("-m", "scripted", "--no-history", "-p", "teacher", "--system", "Be brief.", "system?")
+    assert r.stdout.strip() == "system: Be brief."
+
+
+def test_max_tokens_stops_with_length(cli):
+    r = cli("-m", "scripted", "--json", "--no-history", "--max-tokens", "5", "sing long")
+    data = json.loads(r.stdout)
+    assert data["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == 5
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["-o", "top_p=2"], "top_p=2"),
+        (["-o", "temperature=abc"], "temperature=abc"),
+        (["--top-p", "0"], "top_p=0"),
+        (["-o", "tmperature=1"], "did you mean 'temperature'"),
+        (["-o", "order=top_k,nope"], "unknown stage 'nope'"),
+        (["-o", "novalue"], "expected KEY=VALUE"),
+    ],
+)
+def test_bad_sampler_values_are_one_line_and_exit_2(cli, args, needle):
+    r = cli("-m", "scripted", "--no-history", *args, "hi")
+    assert r.exit_code == 2
+    assert needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_persona_suggests_close_names(cli):
+    r = cli("-m", "scripted", "--no-history", "-p", "techer", "hi")
+    assert r.exit_code != 0
+    assert "did you mean 'teacher'" in r.stderr
+
+
+def test_no_model_configured_says_how_to_get_one_and_exits_2(cli):
+    r = cli("hi")
+    assert r.exit_code == 2
+    assert "chat models pull" in r.stderr and "-m /path/to/model.gguf" in r.stderr
+
+
+def test_missing_model_file(cli, tmp_path):
+    r = cli("-m", str(tmp_path / "nope.gguf"), "--no-history", "hi")
+    assert r.exit_code != 0
+    assert "nope.gguf" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_non_utf8_stdin_is_refused_clearly(cli):
+    r = cli("-m", "scripted", "--no-history", "-", input=b"\xff\xfe bad")
+    assert r.exit_code == 2
+    assert "not UTF-8" in r.stderr
+
+
+def test_prompt_longer_than_context(cli):
+    r = cli("-m", "scripted", "--no-history", "--ctx", "64", " ".join(["word"] * 200))
+    assert r.exit_code == 5
+    assert "context" in r.stderr and "--ctx" in r.stderr
+
+
+def test_debug_shows_the_traceback(cli):
+    from chat.errors import PersonaError
+
+    with pytest.raises(PersonaError):
+        cli("-m", "scripted", "--no-history", "--debug", "-p", "techer", "hi")
+
+
+def test_model_alias_and_default_model_from_config(cli, chat_home):
+    cfg = chat_home / "config"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "config.toml").write_text('default_model = "fake"\n[models]\nfake = "scripted-alias"\n')
+    r = cli("--json", "--no-history", "hi")
+    assert json.loads(r.stdout)["model"] == "fake"
+    r = cli("models", "list")
+    assert "fake (default) → scripted-alias" in r.stdout
+
+
+def test_bad_config_file_is_named(cli, chat_home):
+    cfg = chat_home / "config"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "config.toml").write_text("default_model = [\n")
+    r = cli("-m", "scripted", "hi")
+    assert r.exit_code == 2 and "config.toml" in r.stderr
+
+
+def test_models_list_finds_gguf_in_model_dir(cli, chat_home):
+    models = chat_home / "data" / "models"
+    models.mkdir(parents=True)
+    (models / "tiny.gguf").write_bytes(b"GGUF")
+    r = cli("models", "list")
+    assert "tiny.gguf" in r.stdout and "models dir" in r.stdout
+
+
+def test_help_lists_the_command_groups_and_options(cli):
+    r = cli("--help")
+    assert r.exit_code == 0
+    for word in ("personas", "models", "history", "plugins", "samplers", "--persona", "--json", "-o"):
+        assert word in r.stdout
+
+
+def test_real_subprocess_json(subprocess_env):
+    out = subprocess.run(
+        chat_exe() + ["-m", "scripted", "--json", "-p", "pirate", "ahoy"],
+        capture_output=True, text=True, env=subprocess_env, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["text"] == "[pirate] echo: ahoy"
+    assert data["persona"] == "pirate"
+
+
+def test_real_subprocess_output_to_pipe_is_plain_text(subprocess_env):
+    subprocess_env.pop("NO_COLOR", None)
+    out = subprocess.run(chat_exe() + ["-m", "scripted", "--no-history", "hi"], capture_output=True, env=subprocess_env, timeout=60)
+    assert out.stdout == b"[default] echo: hi\n"
+    assert b"\x1b[" not in out.stdout
