@@ -84,6 +84,8 @@ class Session:
             self.sampling, self.sampling_sources = self._resolve_sampling()
             self.backend.apply(old)
             raise
+        if self.store is not None and self.conversation_id:
+            self.store.update_conversation(self.conversation_id, persona=persona.label)  # `chat -c` resumes with it
         return persona
 
     def set_option(self, text: str) -> None:

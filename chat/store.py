@@ -414,7 +414,7 @@ class Store:
                 " ORDER BY id DESC LIMIT ?",
                 (*patterns, limit),
             ).fetchall()
-        return [SearchHit(cid, mid, role, _snippet(content, words[0], mark), at) for cid, mid, role, content, at in rows]
+        return [SearchHit(cid, mid, role, _snippet(body, words[0], mark), at) for cid, mid, role, body, at in rows]
 
     def export(self, cid: str, format: Literal["json", "md"] = "md") -> str:
         """The conversation as JSON (metadata + messages) or as a readable Markdown transcript."""
