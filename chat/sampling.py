@@ -66,7 +66,7 @@ class SamplerSettings(BaseModel):
     mirostat_tau: float = Field(5.0, gt=0.0, le=100.0, description="mirostat target surprise; > 0")
     mirostat_eta: float = Field(0.1, gt=0.0, le=1.0, description="mirostat learning rate; 0 < eta ≤ 1")
     logit_bias: dict[int, float] = Field(default_factory=dict, description="token id → bias added to its logit")
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="random seed; unset = random each run")
+    seed: int | None = Field(None, ge=0, le=2**32 - 2, description="random seed; unset = random each run")
     max_tokens: int | None = Field(None, ge=1, description="most tokens to generate; unset = until the context is full")
     stop: tuple[str, ...] = Field((), description="strings that end the answer (not included in it)")
     order: tuple[str, ...] = Field(DEFAULT_ORDER, description="the stages, in the order they run")

@@ -1,0 +1,503 @@
+"""LlamaCppBackend: one GGUF model loaded once, streamed through llama.cpp's low-level API.
+
+What it keeps between calls:
+
+* the model and one context (sequence 0), loaded once with mmap;
+* ``_kv``: the tokens whose keys/values are in the context's memory, in order.
+  A new prompt is compared with it; only the tokens after the longest common
+  prefix are evaluated, the stale tail is removed with ``llama_memory_seq_rm``.
+  The list is updated only after ``llama_decode`` succeeds, so closing a stream
+  half-way (Ctrl-C) leaves it exactly describing the memory;
+* one native sampler chain, rebuilt only when the settings change;
+* ``_attached``: the identity of the parameter parts (LoRA set, control vectors)
+  active in the context, and ``_kv_attached``, the set the memory was computed
+  under. When they differ the memory is stale and is discarded. This step
+  attaches nothing; :meth:`apply` is where the next one hot-swaps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from chat.backend import BackendOptions, Finish, FinishReason, Message, Timings, Usage
+from chat.errors import ContextOverflowError, ModelError, SamplingError
+
+from . import native
+from .gguf_file import GGUFHeader, check_model_file
+from .sampler import NativeSampler, build_chain, chain_key
+from chat.template import ChatTemplate
+from .textstream import TextAssembler
+
+if TYPE_CHECKING:
+    from chat.persona import Persona
+    from chat.sampling import SamplerSettings
+
+SEQ = 0  # the one sequence this backend uses
+MAX_DEFAULT_CTX = 8192
+MAX_BATCH = 512
+NO_PARTS: tuple = ((), ())  # Persona.parameter_key of a persona without adapters or steering
+
+
+@dataclass
+class StreamStats:
+    """What one stream() call did."""
+
+    prompt_tokens: int = 0
+    prompt_tokens_evaluated: int = 0  # prompt tokens run through the model
+    prompt_tokens_reused: int = 0  # prompt tokens whose KV was already in memory
+    completion_tokens: int = 0
+    completion_ids: tuple[int, ...] = ()
+    finish: str = ""  # the Finish reason, or "closed" when the consumer closed the stream
+    kv_cleared: bool = False  # the memory was discarded (parameter parts changed, or partial removal impossible)
+
+
+@dataclass
+class BackendStats:
+    """Cumulative counters over the backend's life, plus the last call."""
+
+    streams: int = 0
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_reused: int = 0
+    completion_tokens: int = 0
+    sampler_builds: int = 0
+    last: StreamStats = field(default_factory=StreamStats)
+
+
+def cpu_has_amx() -> bool:
+    """Whether the CPU has Intel AMX (Linux: /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class LlamaCppBackend:
+    """A GGUF model on llama.cpp (CPU, or GPU layers when llama-cpp-python was built with one)."""
+
+    name: ClassVar[str] = "llama.cpp"
+
+    @classmethod
+    def can_load(cls, model: str) -> bool:
+        return str(model).lower().endswith(".gguf")
+
+    def __init__(self, model: str, options: BackendOptions | None = None) -> None:
+        self._model: Any = None
+        self._ctx: Any = None
+        self._batch: Any = None
+        self._sampler: NativeSampler | None = None
+        self._closed = False
+        self.options = options or BackendOptions()
+        self.path = Path(model).expanduser().resolve()
+        self.model_name = self.path.name
+        self.header: GGUFHeader = check_model_file(self.path)  # before llama.cpp ever sees the file
+        self._L = L = native.library()
+        try:
+            self._load(L)
+        except BaseException:
+            self.close()
+            raise
+        self.stats = BackendStats()
+        self._kv: list[int] = []
+        self._generation = 0
+        self._sampler_key: str | None = None
+        self._prompt_cache: OrderedDict[tuple[Message, ...], list[int]] = OrderedDict()
+        self._attached: tuple = NO_PARTS  # parameter parts active in the context
+        self._kv_attached: tuple = NO_PARTS  # parameter parts the memory was computed under
+        self.persona_name = ""
+
+    # --- loading ---------------------------------------------------------------------
+
+    def _load(self, L: Any) -> None:
+        where = str(self.path)
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = self.options.gpu_layers
+        mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP
+        # llama.cpp's AMX weight repacking (an "extra buffer type") segfaults on multi-token
+        # batches of Q8_0 models in llama-cpp-python 0.3.36; without it the mmap'd weights are used as-is.
+        mparams.use_extra_bufts = not cpu_has_amx()
+        native.mark()
+        self._model = L.llama_model_load_from_file(where.encode("utf-8"), mparams)
+        if not self._model:
+            reason = native.errors_since() or "llama.cpp could not load it"
+            raise ModelError(f"{where}: {reason}", "check that the file is a complete GGUF model this llama.cpp supports")
+        self._vocab = L.llama_model_get_vocab(self._model)
+        self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train = int(L.llama_model_n_ctx_train(self._model))
+        wanted = self.options.context_size or min(self.n_ctx_train if self.n_ctx_train > 0 else MAX_DEFAULT_CTX, MAX_DEFAULT_CTX)
+        self.n_threads = self.options.threads or default_threads()
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = wanted
+        cparams.n_batch = min(MAX_BATCH, wanted)
+        cparams.n_ubatch = min(MAX_BATCH, wanted)
+        cparams.n_seq_max = 1
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.no_perf = True
+        native.mark()
+        self._ctx = L.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            reason = native.errors_since() or "out of memory?"
+            raise ModelError(f"{where}: cannot create a context of {wanted} tokens: {reason}", "try a smaller --context-size")
+        # llama.cpp may round the context up (to a multiple of 256); use no more than was asked for.
+        self.context_size = min(wanted, int(L.llama_n_ctx(self._ctx)))
+        self._n_batch = min(MAX_BATCH, self.context_size)
+        self._batch = L.llama_batch_init(self._n_batch, 0, 1)
+        self._mem = L.llama_get_memory(self._ctx)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._bos = int(L.llama_vocab_bos(self._vocab))
+        self._eos = int(L.llama_vocab_eos(self._vocab))
+        self._add_bos = bool(L.llama_vocab_get_add_bos(self._vocab)) and self._bos >= 0
+        self._add_eos = bool(L.llama_vocab_get_add_eos(self._vocab)) and self._eos >= 0
+        self.template = ChatTemplate(
+            self.header.chat_template,
+            bos_token=self.token_text(self._bos),
+            eos_token=self.token_text(self._eos),
+            model=where,
+        )
+
+    # --- tokens ----------------------------------------------------------------------
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary entry of ``token`` ("" for none), as templates expect bos_token/eos_token."""
+        if token < 0:
+            return ""
+        raw = self._L.llama_vocab_get_text(self._vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Tokens of ``text`` without BOS/EOS; ``special`` parses control tokens like ``<|im_start|>``."""
+        L = self._L
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (L.llama_token * n_max)()
+        n = L.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, special)
+        if n < 0:
+            n_max = -n
+            buf = (L.llama_token * n_max)()
+            n = L.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, special)
+            if n < 0:
+                raise ModelError(f"{self.path}: tokenizing {len(data)} bytes failed", None)
+        return buf[:n]
+
+    def piece(self, token: int) -> bytes:
+        """The bytes ``token`` stands for in an answer (control tokens render as nothing)."""
+        L = self._L
+        buf = self._piece_buf
+        n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._L.llama_vocab_is_eog(self._vocab, token))
+
+    def render(self, messages: Sequence[Message]) -> str:
+        """The prompt text for ``messages``, ending with the assistant's generation prompt."""
+        return self.template.render(messages, add_generation_prompt=True)
+
+    def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
+        """The rendered prompt as tokens, with BOS/EOS as the file asks (never a doubled BOS)."""
+        key = tuple(messages)
+        cached = self._prompt_cache.get(key)
+        if cached is not None:
+            self._prompt_cache.move_to_end(key)
+            return list(cached)
+        tokens = self.tokenize(self.render(messages), special=True)
+        if self._add_bos and (not tokens or tokens[0] != self._bos):
+            tokens.insert(0, self._bos)
+        if self._add_eos and (not tokens or tokens[-1] != self._eos):
+            tokens.append(self._eos)
+        self._prompt_cache[key] = tokens
+        while len(self._prompt_cache) > 16:
+            self._prompt_cache.popitem(last=False)
+        return list(tokens)
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        self._check_open()
+        return len(self.prompt_tokens(messages))
+
+    # --- sampling --------------------------------------------------------------------
+
+    def sampler_for(self, sampling: "SamplerSettings") -> NativeSampler:
+        """The native chain for ``sampling``; built only when the settings differ from the last call's."""
+        key = chain_key(sampling)
+        if self._sampler is None or key != self._sampler_key:
+            chain = build_chain(
+                sampling,
+                vocab=self._vocab,
+                n_vocab=self.n_vocab,
+                n_ctx=self.context_size,
+                plugin_stage=self.plugin_sampler,
+            )
+            if self._sampler is not None:
+                self._sampler.close()
+            self._sampler, self._sampler_key = chain, key
+            self.stats.sampler_builds += 1
+        return self._sampler
+
+    def plugin_sampler(self, name: str, stage: Any, params: dict[str, Any]) -> Any:
+        """Extension point: a plugin stage (from ``chat.sampling.plugin_stages()``) → a llama_sampler pointer.
+
+        It receives the stage object and its parameters for a name in ``order`` that is
+        not built in. The next step wraps the stage in a custom ``llama_sampler_i`` (as
+        ``llama_cpp._internals.CustomSampler`` does) that turns the candidates into logits,
+        calls the stage and writes them back.
+        """
+        raise SamplingError(
+            f"sampler stage {name!r} is not available on the llama.cpp backend yet",
+            f"remove {name!r} from `order`, or use a backend that runs plugin stages",
+        )
+
+    # --- persona parameter parts ------------------------------------------------------
+
+    def apply(self, persona: "Persona") -> list[str]:
+        """Attach the persona's parameter parts. This version attaches none and says so."""
+        self._check_open()
+        warnings = []
+        if persona.adapters:
+            names = ", ".join(a.name for a in persona.adapters)
+            warnings.append(f"{persona.label}: LoRA adapters are applied in a later version (ignored: {names})")
+        if persona.steering:
+            names = ", ".join(s.name for s in persona.steering)
+            warnings.append(f"{persona.label}: control vectors are applied in a later version (ignored: {names})")
+        self.persona_name = persona.label
+        self._set_parameter_parts(NO_PARTS)
+        return warnings
+
+    def _set_parameter_parts(self, key: tuple) -> None:
+        """Make ``key`` the active parameter set; the memory is kept only if it was computed under it."""
+        self._attached = key
+
+    # --- generation ------------------------------------------------------------------
+
+    def stream(self, messages: Sequence[Message], sampling: "SamplerSettings") -> Iterator[str | Finish]:
+        """Yield text chunks, then one Finish. Tokenizing, the overflow check and the sampler happen now."""
+        self._check_open()
+        started = time.perf_counter()
+        prompt = self.prompt_tokens(messages)
+        if len(prompt) >= self.context_size:
+            raise ContextOverflowError(
+                f"the prompt needs {len(prompt)} tokens but the context holds {self.context_size}",
+                "start a new conversation, shorten the message, or load the model with a larger --context-size",
+            )
+        chain = self.sampler_for(sampling)
+        self._generation += 1
+        return self._generate(prompt, chain, sampling, started, self._generation)
+
+    def _generate(
+        self, prompt: list[int], chain: NativeSampler, sampling: "SamplerSettings", started: float, generation: int
+    ) -> Iterator[str | Finish]:
+        if generation != self._generation:  # a newer stream() began before this one was first iterated
+            yield Finish("interrupted", Usage(prompt_tokens=len(prompt)))
+            return
+        last = StreamStats(prompt_tokens=len(prompt), finish="closed")
+        self.stats.last = last
+        self.stats.streams += 1
+        reused = self._sync_memory(prompt, last)
+        prompt_done = time.perf_counter()
+        chain.reset()
+        if chain.needs_history:
+            for tok in prompt:
+                chain.accept(tok)
+        text = TextAssembler(sampling.stop)
+        out: list[int] = []
+        reason: FinishReason = "stop"
+        first_chunk = first_token = last_token = 0.0
+        try:
+            while True:
+                if generation != self._generation or self._closed:
+                    reason = "interrupted"
+                    break
+                tok = chain.sample(self._ctx, -1)  # also accepts tok into the chain
+                if self.is_eog(tok):
+                    break
+                out.append(tok)
+                last.completion_tokens = len(out)
+                last_token = time.perf_counter()
+                first_token = first_token or last_token
+                chunk = text.feed(self.piece(tok))
+                if chunk:
+                    first_chunk = first_chunk or time.perf_counter()
+                    yield chunk
+                if text.stopped:
+                    break
+                if sampling.max_tokens is not None and len(out) >= sampling.max_tokens:
+                    reason = "length"
+                    break
+                if len(self._kv) >= self.context_size:
+                    reason = "length"
+                    break
+                self._eval([tok], logits_last=True)
+            tail = text.finish()
+            if tail:
+                first_chunk = first_chunk or time.perf_counter()
+                yield tail
+        finally:
+            last.completion_ids = tuple(out)
+            self.stats.completion_tokens += len(out)
+        last.finish = reason
+        decode_s = last_token - first_token
+        timings = Timings(
+            ttft_s=(first_chunk - started) if first_chunk else 0.0,
+            tokens_per_s=(len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0,
+            prompt_s=prompt_done - started,
+        )
+        yield Finish(reason, Usage(len(prompt), len(out), reused), timings)
+
+    def _sync_memory(self, prompt: list[int], last: StreamStats) -> int:
+        """Make the memory hold ``prompt`` with logits for its last token; return the tokens reused."""
+        L = self._L
+        if self._kv_attached != self._attached:
+            self._clear_memory()
+            self._kv_attached = self._attached
+            last.kv_cleared = True
+        kv = self._kv
+        n = min(len(kv), len(prompt) - 1)  # at least one prompt token is evaluated, for its logits
+        common = 0
+        while common < n and kv[common] == prompt[common]:
+            common += 1
+        # Always drop everything from ``common`` on, even when the list says there is nothing:
+        # an interrupt between llama_decode and the list update may have left untracked positions.
+        if not L.llama_memory_seq_rm(self._mem, SEQ, common, -1):
+            self._clear_memory()  # this memory cannot drop a tail (recurrent models): start over
+            common = 0
+            last.kv_cleared = True
+        else:
+            del kv[common:]
+        self._eval(prompt[common:], logits_last=True)
+        last.prompt_tokens_reused = common
+        last.prompt_tokens_evaluated = len(prompt) - common
+        self.stats.prompt_tokens_reused += common
+        self.stats.prompt_tokens_evaluated += len(prompt) - common
+        return common
+
+    def _clear_memory(self) -> None:
+        self._L.llama_memory_clear(self._mem, True)
+        self._kv.clear()
+
+    def _eval(self, tokens: Sequence[int], logits_last: bool) -> None:
+        """Run ``tokens`` through the model after ``_kv``, in batches; ``_kv`` grows only on success."""
+        L = self._L
+        b = self._batch
+        total = len(tokens)
+        for start in range(0, total, self._n_batch):
+            chunk = tokens[start : start + self._n_batch]
+            base = len(self._kv)
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = base + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = SEQ
+                b.logits[i] = 0
+            if logits_last and start + len(chunk) == total:
+                b.logits[len(chunk) - 1] = 1
+            b.n_tokens = len(chunk)
+            native.mark()
+            rc = L.llama_decode(self._ctx, b)
+            if rc != 0:
+                self._resync_kv()
+                if rc == 1:
+                    raise ContextOverflowError(
+                        f"llama.cpp found no room for {len(chunk)} more tokens in the context of {self.context_size}",
+                        "start a new conversation or load the model with a larger --context-size",
+                    )
+                raise ModelError(f"{self.path}: llama_decode failed (code {rc}): {native.errors_since()}", None)
+            self._kv.extend(chunk)
+
+    def _resync_kv(self) -> None:
+        """After a failed decode, trust the memory: keep the tokens whose positions it still holds."""
+        pos_max = int(self._L.llama_memory_seq_pos_max(self._mem, SEQ))
+        del self._kv[pos_max + 1 :]
+
+    # --- facts and lifetime ------------------------------------------------------------
+
+    @property
+    def kv_tokens(self) -> list[int]:
+        """A copy of the tokens whose KV is in memory (what the next prompt is compared with)."""
+        return list(self._kv)
+
+    def info(self) -> dict[str, object]:
+        L = self._L
+        desc = ""
+        params = size = 0
+        if self._model:
+            buf = ctypes.create_string_buffer(256)
+            L.llama_model_desc(self._model, buf, len(buf))
+            desc = buf.value.decode("utf-8", errors="replace")
+            params = int(L.llama_model_n_params(self._model))
+            size = int(L.llama_model_size(self._model))
+        md = self.header.metadata
+        return {
+            "backend": self.name,
+            "model": str(self.path),
+            "name": md.get("general.name", self.path.stem),
+            "architecture": self.header.architecture,
+            "description": desc,
+            "parameters": params,
+            "size_bytes": size,
+            "n_ctx": self.context_size,
+            "n_ctx_train": self.n_ctx_train,
+            "context_used": len(self._kv),
+            "template": self.template.name,
+            "gpu_layers": self.options.gpu_layers,
+            "threads": self.n_threads,
+            "n_batch": self._n_batch,
+            "sampler": list(self._sampler.stages) if self._sampler else [],
+            "adapters": [],
+            "steering": [],
+            "llama_cpp_python": getattr(L, "__version__", ""),
+        }
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ModelError(f"{self.path}: the backend was closed", "load the model again")
+
+    def close(self) -> None:
+        """Free the sampler, batch, context and model; safe to call twice."""
+        self._closed = True
+        L = getattr(self, "_L", None)
+        if L is None:
+            return
+        if self._sampler is not None:
+            self._sampler.close()
+            self._sampler = None
+        if self._batch is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            L.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            L.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "LlamaCppBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
