@@ -15,13 +15,17 @@ def main() -> None:
     import llama_cpp as L
 
     path, n_prompt, n_gen, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    L.llama_log_set(L.llama_log_callback(lambda *a: None), None)
+    quiet = L.llama_log_callback(lambda *a: None)  # keep a reference: ggml calls it later
+    L.llama_log_set(quiet, None)
     mparams = L.llama_model_default_params()
+    mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP
     mparams.use_extra_bufts = False  # as chat does: ggml's AMX path crashes on Q8_0 batches here (llama.cpp#20824)
     model = L.llama_model_load_from_file(path.encode(), mparams)
     cparams = L.llama_context_default_params()
     cparams.n_ctx = 2048
     cparams.n_batch = 512
+    cparams.n_ubatch = 512
+    cparams.n_seq_max = 1
     cparams.n_threads = threads
     cparams.n_threads_batch = threads
     ctx = L.llama_init_from_model(model, cparams)

@@ -111,12 +111,16 @@ def pull(repo: str, filename: str, paths: Paths) -> Path:
     if not filename.endswith(".gguf"):
         raise UsageError(f"{filename}: not a .gguf file", "chat runs GGUF files; pick one from the repo's file list")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError
 
     target = paths.models_dir / repo.replace("/", "__")
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename, local_dir=target))
-    except LocalEntryNotFoundError as exc:
-        raise ModelError(f"{repo}/{filename}: cannot reach the Hugging Face hub ({exc.__class__.__name__})", "check your network, or copy the file by hand into " + str(paths.models_dir)) from None
     except HfHubHTTPError as exc:
-        raise ModelError(f"{repo}/{filename}: download failed: {exc}", "check the repo and file names on huggingface.co") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ModelError(f"{repo}/{filename}: download failed: {first}", "check the repo and file names on huggingface.co") from None
+    except (OSError, ValueError) as exc:  # offline, DNS, refused: huggingface_hub raises these families
+        raise ModelError(
+            f"{repo}/{filename}: cannot reach the Hugging Face hub ({exc.__class__.__name__})",
+            f"check your network, or copy the .gguf file by hand into {paths.models_dir}",
+        ) from None

@@ -88,6 +88,48 @@ class Session:
             self.store.update_conversation(self.conversation_id, persona=persona.label)  # `chat -c` resumes with it
         return persona
 
+    def set_part_scale(self, key: str, value: str) -> Persona:
+        """``/set adapter.NAME.scale 0.5`` (or ``steering.NAME.scale``): change one part's effective scale live.
+
+        The persona keeps its name; its parts get the new scale and are re-applied to
+        the backend (the base stays loaded). On an error the previous persona stays.
+        """
+        import dataclasses
+
+        from chat.errors import UsageError
+
+        kind, _, rest = key.partition(".")
+        name, _, attr = rest.rpartition(".")
+        if kind not in ("adapter", "steering") or attr != "scale" or not name:
+            raise UsageError(f"{key}: not a part setting", "write adapter.NAME.scale VALUE or steering.NAME.scale VALUE")
+        try:
+            scale = float(value)
+        except ValueError:
+            raise UsageError(f"{key} = {value!r}: not a number", "e.g. /set adapter.NAME.scale 0.5") from None
+        if not -10.0 <= scale <= 10.0:
+            raise UsageError(f"{key} = {scale:g}: out of range", "scales lie between -10 and 10")
+        field_name = "adapters" if kind == "adapter" else "steering"
+        parts = getattr(self.persona, field_name)
+        if not any(p.name == name for p in parts):
+            known = ", ".join(sorted({p.name for p in parts}))
+            what = "adapter" if kind == "adapter" else "control vector"
+            raise ChatError(
+                f"{self.persona.label} has no {what} named {name!r}",
+                f"known: {known}" if known else f"this persona has no {field_name}; /adapters lists the active parts",
+            )
+        updated = tuple(dataclasses.replace(p, scale=scale) if p.name == name else p for p in parts)
+        persona = dataclasses.replace(self.persona, **{field_name: updated})
+        old = self.persona
+        self.persona = persona
+        try:
+            self.notes.extend(self.backend.apply(persona))
+        except ChatError:
+            self.persona = old
+            self.backend.apply(old)
+            raise
+        self.notes.append(f"{key} = {scale:g}")
+        return persona
+
     def set_option(self, text: str) -> None:
         """``/set KEY VALUE``: a REPL-level sampler setting (flags still win)."""
         key, value = split_option(text)

@@ -168,3 +168,48 @@ def test_real_subprocess_output_to_pipe_is_plain_text(subprocess_env):
     out = subprocess.run(chat_exe() + ["-m", "scripted", "--no-history", "hi"], capture_output=True, env=subprocess_env, timeout=60)
     assert out.stdout == b"[default] echo: hi\n"
     assert b"\x1b[" not in out.stdout
+
+
+def test_unwritable_history_database_is_one_clear_line(cli, chat_home, monkeypatch):
+    blocker = chat_home / "not-a-dir"
+    blocker.write_text("a file where the data dir should be")
+    monkeypatch.setenv("CHAT_DATA_DIR", str(blocker))
+    r = cli("-m", "scripted", "hi")
+    assert r.exit_code == 6
+    assert "history.db" in r.stderr and "--no-history" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_models_pull_without_network_says_so(subprocess_env):
+    env = dict(subprocess_env, HF_HUB_OFFLINE="1")
+    r = subprocess.run(chat_exe() + ["models", "pull", "someone/some-model-GGUF", "model-q4.gguf"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 3
+    assert "someone/some-model-GGUF" in r.stderr and "network" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_history_commands_list_show_search_export_rm(cli):
+    cid = json.loads(cli("-m", "scripted", "--json", "-p", "teacher", "about volcanoes").stdout)["conversation_id"]
+    cli("-m", "scripted", "-c", "and lava")
+    listing = cli("history", "list").stdout
+    assert cid in listing and "about volcanoes" in listing and "[teacher]" in listing
+    shown = cli("history", "show", cid[:6]).stdout
+    assert "[teacher] echo: and lava" in shown
+    hits = cli("history", "search", "lava").stdout
+    assert cid in hits
+    exported = json.loads(cli("history", "export", cid, "--format", "json").stdout)
+    assert [m["role"] for m in exported["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert "## " in cli("history", "export", cid, "--format", "md").stdout
+    assert cli("history", "export", cid, "--format", "xml").exit_code == 2
+    assert cli("history", "rm", cid).exit_code == 0
+    r = cli("history", "show", cid)
+    assert r.exit_code == 6 and "chat history list" in r.stderr
+
+
+def test_continue_keeps_the_conversation_and_its_persona(cli):
+    first = json.loads(cli("-m", "scripted", "--json", "-p", "pirate", "one").stdout)
+    second = json.loads(cli("-m", "scripted", "--json", "-c", "two").stdout)
+    assert second["conversation_id"] == first["conversation_id"]
+    assert second["persona"] == "pirate"
+    third = json.loads(cli("-m", "scripted", "--json", "--cid", first["conversation_id"][:5], "three").stdout)
+    assert third["conversation_id"] == first["conversation_id"]

@@ -47,9 +47,10 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from chat.cli import history, main, models, personas, plugins
+    from chat.cli import convert, history, main, models, personas, plugins
 
     main.register(app)
+    convert.register(app)
     personas.register(app)
     models.register(app)
     history.register(app)

@@ -30,12 +30,6 @@ class Architecture:
     gguf_arch: str  # general.architecture in the GGUF
     permute_qk: bool  # llama.cpp wants q/k rows in its interleaved rope layout
 
-    @property
-    def model_arch(self):
-        import gguf
-
-        return {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[self.gguf_arch]
-
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("LlamaForCausalLM", "llama", "llama", permute_qk=True),

@@ -2,8 +2,8 @@
 
 The format is an 8-byte little-endian header length, a JSON header (name → dtype, shape,
 byte offsets) and the raw data. Reading it by hand means bf16 checkpoints (most
-published models) work without torch, and a tensor is only read from disk (through a
-memory map) when it is asked for, so converting a model never holds it twice.
+published models) work without torch, and a tensor is only read from disk when it is
+asked for, so converting a model never holds it twice.
 Pickle checkpoints (``*.bin``, ``*.pt``) are never opened: unpickling runs code.
 """
 
@@ -74,7 +74,6 @@ class SafetensorsFile:
             if entry.end > size:
                 raise ModelError(f"{self.path}: tensor {name} runs past the end of the file (truncated download?)")
             self.entries[name] = entry
-        self._map: np.memmap | None = None
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -83,25 +82,30 @@ class SafetensorsFile:
         return list(self.entries)
 
     def raw(self, name: str) -> np.ndarray:
-        """The tensor as stored (bf16 as uint16 bits), backed by the memory map."""
+        """The tensor as stored (bf16 as uint16 bits), read into a new array.
+
+        Read with ``fromfile`` rather than through a memory map: mapped pages would
+        count as this process's memory until the whole model had been read.
+        """
         e = self.entries[name]
         dtype = _DTYPES.get(e.dtype)
         if dtype is None:
             raise ModelError(f"{self.path}: tensor {name} has dtype {e.dtype}, which the converter cannot read")
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._map[e.start : e.end].view(dtype).reshape(e.shape)
+        count = (e.end - e.start) // dtype.itemsize
+        if count != int(np.prod(e.shape, dtype=np.int64)):
+            raise ModelError(f"{self.path}: tensor {name}: {e.end - e.start} bytes do not hold shape {e.shape}")
+        return np.fromfile(self.path, dtype=dtype, count=count, offset=e.start).reshape(e.shape)
 
     def float32(self, name: str) -> np.ndarray:
-        """The tensor as a new float32 array."""
+        """The tensor as a float32 array of its own."""
         e = self.entries[name]
         a = self.raw(name)
         if e.dtype == "BF16":
             return (a.astype(np.uint32) << 16).view(np.float32)
-        return np.array(a, dtype=np.float32)
+        return a if a.dtype == np.float32 else a.astype(np.float32)
 
     def close(self) -> None:
-        self._map = None
+        """Nothing stays open between reads; kept so callers can say when they are done."""
 
 
 class TensorSet:

@@ -177,6 +177,10 @@ class TransformersBackend:
                 "use the chat/instruct version of the model, or add its template as chat_template.jinja "
                 "(or \"chat_template\" in tokenizer_config.json) in the folder",
             )
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # the terminal belongs to the chat, not to a "Loading weights" bar
         try:
             hf = AutoModelForCausalLM.from_pretrained(
                 where,
@@ -188,6 +192,9 @@ class TransformersBackend:
             )
         except Exception as exc:
             raise ModelError(f"{where}: transformers could not load the model: {_first_line(exc)}", _remote_code_hint(exc)) from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         hf.to(self.device)
         hf.eval()
         self._hf = hf
@@ -263,9 +270,16 @@ class TransformersBackend:
                 continue
             scales[path.resolve()] = scales.get(path.resolve(), 0.0) + part.scale
         loaded_before = self._loras.loads
-        adapters = [(self._loras.load(p), s) for p, s in scales.items()]
-        self.stats.adapter_loads += self._loras.loads - loaded_before
-        vectors = [(self._steering.load(Path(s.path)), s.scale, tuple(s.layers) if s.layers else None) for s in persona.steering]
+        previous = list(self._loras.active)
+        try:
+            adapters = [(self._loras.load(p), s) for p, s in scales.items()]
+            vectors = [(self._steering.load(Path(s.path)), s.scale, tuple(s.layers) if s.layers else None) for s in persona.steering]
+        except BaseException:
+            # loading may touch peft's active adapters: make the previous set exactly the active one again
+            self._loras.activate(previous)
+            raise
+        finally:
+            self.stats.adapter_loads += self._loras.loads - loaded_before
         self._loras.activate(adapters)
         warnings += self._steering.activate(vectors)
         self.persona_name = persona.label

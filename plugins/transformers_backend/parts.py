@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,12 +164,14 @@ class LoraSet:
         config = check_adapter(self.model, folder)
         name = f"a{len(self.loaded)}"
         try:
-            if self.peft is None:
-                from peft import PeftModel
+            with warnings.catch_warnings():  # deprecation chatter from transformers/peft internals
+                warnings.simplefilter("ignore", FutureWarning)
+                if self.peft is None:
+                    from peft import PeftModel
 
-                self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name, is_trainable=False)
-            else:
-                self.peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+                    self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name, is_trainable=False)
+                else:
+                    self.peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
         except Exception as exc:
             raise AdapterError(f"{folder}: peft could not load the adapter: {_first_line(exc)}", "check that it is a LoRA adapter for this model") from None
         self.peft.eval()
@@ -212,8 +215,6 @@ class LoraSet:
 
     def _disable(self) -> None:
         if self.peft is not None:
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.peft.base_model.disable_adapter_layers()
@@ -303,11 +304,11 @@ class Steering:
         return got
 
     def activate(self, entries: Sequence[tuple[ControlVector, float, tuple[int, int] | None]]) -> list[str]:
-        """Sum scale·direction.N per layer N within each entry's inclusive range; return warnings."""
+        """Sum scale·direction.N per layer N within each entry's inclusive range; return notes."""
         import numpy as np
         import torch
 
-        warnings: list[str] = []
+        notes: list[str] = []
         n_layers = self.n_layers
         sums: dict[int, np.ndarray] = {}
         for vec, scale, layers in entries:
@@ -322,7 +323,7 @@ class Steering:
                 if lo <= il <= hi:
                     sums[il] = sums.get(il, 0) + np.float32(scale) * direction
             if skipped:
-                warnings.append(
+                notes.append(
                     f"{vec.path.name}: direction for layer(s) {', '.join(map(str, skipped))} ignored "
                     f"(layers 1..{n_layers - 1} can be steered, as in llama.cpp)"
                 )
@@ -331,7 +332,7 @@ class Steering:
         self.active = [(v, s, r) for v, s, r in entries if s != 0.0]
         if self.per_layer and not self._hooks:
             self._install()
-        return warnings
+        return notes
 
     def _install(self) -> None:
         for il, layer in enumerate(self._layers):
