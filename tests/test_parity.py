@@ -172,3 +172,16 @@ def test_control_vector_layer_range(tiny4_gguf, tiny4_cfg, tiny4_weights, tiny_t
     finally:
         llama.close()
         tf.close()
+
+
+def test_one_card_either_format_gguf_adapter_on_transformers(tf, lora_a_gguf, lora_a_peft, chat_home):
+    """A card's GGUF adapter runs on transformers: converted to PEFT once (cached), same tokens as the PEFT folder."""
+    warnings = tf.apply(lora_persona((lora_a_peft, 0.8)))
+    want = greedy_ids(tf, PROMPTS["hello"])
+    warnings = tf.apply(lora_persona((lora_a_gguf, 0.8)))
+    assert any("converted GGUF adapter" in w for w in warnings)
+    assert greedy_ids(tf, PROMPTS["hello"]) == want
+    tf.apply(BASE)
+    warnings = tf.apply(lora_persona((lora_a_gguf, 0.8)))
+    assert not any("converted" in w for w in warnings)  # the cached conversion is reused
+    tf.apply(BASE)

@@ -263,11 +263,12 @@ class TransformersBackend:
         for part in persona.adapters:
             path = Path(part.path)
             if path.suffix.lower() == ".gguf" or path.is_file():
-                warnings.append(
-                    f"{persona.label}: adapter {part.name} is a GGUF file; the transformers backend needs a PEFT folder "
-                    "(convert it to PEFT, or run the persona on the llama.cpp backend) — ignored"
-                )
-                continue
+                # one card, either format: convert the llama.cpp adapter to PEFT once (cached by content hash)
+                from chat.convert.cache import ensure_format
+
+                path, converted_now = ensure_format(path, "peft", base=self.path)
+                if converted_now:
+                    warnings.append(f"{persona.label}: converted GGUF adapter {part.name} to PEFT once (cached in {path.parent})")
             scales[path.resolve()] = scales.get(path.resolve(), 0.0) + part.scale
         loaded_before = self._loras.loads
         previous = list(self._loras.active)
