@@ -213,3 +213,12 @@ def test_continue_keeps_the_conversation_and_its_persona(cli):
     assert second["persona"] == "pirate"
     third = json.loads(cli("-m", "scripted", "--json", "--cid", first["conversation_id"][:5], "three").stdout)
     assert third["conversation_id"] == first["conversation_id"]
+
+
+def test_long_conversation_drops_oldest_turns_and_says_so(cli):
+    cli("-m", "scripted", "--ctx", "120", "-p", "pirate", " ".join(["first"] * 30))
+    for i in range(3):
+        r = cli("-m", "scripted", "--ctx", "120", "-c", " ".join([f"turn{i}"] * 30))
+        assert r.exit_code == 0
+    assert "context full: left out" in r.stderr
+    assert r.stdout.startswith("[pirate] echo: turn2")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from chat.cli.common import echo, guard
@@ -23,15 +25,9 @@ def plugins() -> None:
             ver = f" {p['version']}" if p["version"] else ""
             echo(f"{p['name']}{ver}  [{kind}]  hooks: {', '.join(p['hooks'])}")
             provided = [k for k, v in reg.sources.items() if v == p["name"]]
-            provided += [f"persona:{Path_name(t, kw)}" for t, kw, src in reg.personas if src == p["name"]]
+            provided += [f"persona:{kw.get('name') or Path(t).name}" for t, kw, src in reg.personas if src == p["name"]]
             if provided:
                 echo("    provides: " + ", ".join(sorted(provided)))
-
-
-def Path_name(target, kwargs) -> str:  # noqa: N802 - tiny helper
-    from pathlib import Path
-
-    return kwargs.get("name") or Path(target).name
 
 
 samplers_app = typer.Typer(help="Sampler settings, stages and presets.", invoke_without_command=True)
