@@ -17,6 +17,21 @@ except ImportError as exc:  # pragma: no cover - only while model_fixtures is mi
         raise
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_test_touches_the_real_home(tmp_path_factory):
+    """Every test, even one without ``chat_home``, keeps config, history and caches in a temp dir."""
+    home = tmp_path_factory.mktemp("home")
+    saved = {k: os.environ.get(k) for k in ("CHAT_CONFIG_DIR", "CHAT_DATA_DIR")}
+    os.environ["CHAT_CONFIG_DIR"] = str(home / "config")
+    os.environ["CHAT_DATA_DIR"] = str(home / "data")
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def chat_home(tmp_path, monkeypatch):
     """A fresh config dir and data dir for one test, used by the CLI and subprocesses."""

@@ -405,10 +405,13 @@ def test_pickle_only_adapter_is_refused(tb, tmp_path, lora_a_peft):
         tb.apply(adapters((folder, 1.0)))
 
 
-def test_gguf_adapter_gives_a_warning(tb, base_ids, lora_a_gguf):
+def test_gguf_adapter_is_converted_once_and_applied(tb, base_ids, lora_a_gguf, lora_a_peft):
+    tb.apply(adapters((lora_a_peft, 1.0)))
+    want = run(tb)[2]
     warnings = tb.apply(adapters((lora_a_gguf, 1.0)))
-    assert len(warnings) == 1 and "lora-a" in warnings[0] and "PEFT" in warnings[0]
-    assert run(tb)[2] == base_ids
+    assert len(warnings) <= 1 and all("converted GGUF adapter" in w and "PEFT" in w for w in warnings)
+    got = run(tb)[2]
+    assert got == want and got != base_ids
 
 
 def test_scale_zero_is_the_base(tb, base_ids, lora_a_peft):
