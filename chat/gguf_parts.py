@@ -279,7 +279,12 @@ def read_lora(path: str | os.PathLike[str]) -> LoraInfo:
     h = read_header(p, "adapter")
     kind = h.metadata.get("general.type")
     if kind != "adapter":
-        what = "a model" if kind in (None, "model") and h.arch_int("block_count") else f"general.type = {kind!r}"
+        if h.architecture == "controlvector":
+            what = "a control vector: list it under [[steering]]"
+        elif kind in (None, "model") and h.arch_int("block_count"):
+            what = "a model"
+        else:
+            what = f"general.type = {kind!r}"
         raise AdapterError(f"{p}: is not a LoRA adapter ({what}; expected general.type = 'adapter')",
                            "[[adapters]] takes adapter GGUFs (convert_lora_to_gguf.py); a model goes to -m")
     if h.metadata.get("adapter.type") != "lora":

@@ -1,11 +1,22 @@
-"""Describing a persona's parameter parts (adapters, control vectors) for listings."""
+"""Describing a persona's parameter parts (adapters, control vectors) for listings.
+
+GGUF parts are described from their headers (:mod:`chat.gguf_parts`: milliseconds,
+no llama.cpp); given a base model, each part also says whether it fits it. PEFT
+folders are described from ``adapter_config.json``.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from chat.errors import AdapterError
 from chat.persona import Persona
 
 
-def _size(path) -> str:
+def _size(path: Path) -> str:
+    from chat.gguf_parts import human_size
+
     try:
         if path.is_dir():
             n = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -13,22 +24,82 @@ def _size(path) -> str:
             n = path.stat().st_size
     except OSError:
         return "missing"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
+    return human_size(n)
 
 
-def describe_parts(persona: Persona) -> list[str]:
+def _span(numbers: list[int]) -> str:
+    if not numbers:
+        return "-"
+    if numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{numbers[0]}-{numbers[-1]}" if len(numbers) > 1 else str(numbers[0])
+    return ",".join(map(str, numbers))
+
+
+def _fit(check, info, base, base_note: str | None) -> str:
+    if base is None:
+        return f"fit: not checked ({base_note or 'no base model given; pass -m MODEL.gguf'})"
+    try:
+        check(info, base)
+    except AdapterError as exc:
+        return "fit: NO — " + exc.message.split(": does not fit ", 1)[-1]
+    return f"fit: yes ({base.name})"
+
+
+def _adapter_lines(path: Path, base, base_note: str | None) -> list[str]:
+    from chat.gguf_parts import check_lora, read_lora
+
+    if path.is_dir():
+        try:
+            cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return ["    PEFT folder without a readable adapter_config.json"]
+        targets = cfg.get("target_modules") or []
+        targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
+        return [f"    PEFT LoRA: rank {cfg.get('r', '?')}, alpha {cfg.get('lora_alpha', '?')}, targets {targets}",
+                "    fit: checked when a transformers model loads it"]
+    try:
+        info = read_lora(path)
+    except AdapterError as exc:
+        return [f"    unusable: {exc.message.removeprefix(str(path) + ': ')}"]
+    return [
+        f"    LoRA: {info.rank_text}, alpha {info.alpha:g}, {len(info.pairs)} tensors on layers {_span(info.layers())}"
+        f" ({', '.join(info.target_kinds())}), architecture {info.architecture}",
+        "    " + _fit(check_lora, info, base, base_note),
+    ]
+
+
+def _vector_lines(path: Path, base, base_note: str | None) -> list[str]:
+    from chat.gguf_parts import check_vector, read_vector
+
+    try:
+        info = read_vector(path)
+    except AdapterError as exc:
+        return [f"    unusable: {exc.message.removeprefix(str(path) + ': ')}"]
+    hint = f", made for {info.model_hint}" if info.model_hint else ""
+    return [f"    control vector: width {info.n_embd}, {info.layer_text}{hint}", "    " + _fit(check_vector, info, base, base_note)]
+
+
+def describe_parts(persona: Persona, base=None, base_note: str | None = None, details: bool = False) -> list[str]:
+    """Lines describing the persona's adapters and vectors.
+
+    ``base`` (a :class:`chat.gguf_parts.BaseModel`) adds whether each part fits it;
+    ``details`` reads each part's header (rank, targets, layers) — without it only
+    names, scales and sizes are listed, as ``/adapters`` does on backends that cannot say more.
+    """
     lines = []
     if persona.adapters:
         lines.append(f"adapters:    {len(persona.adapters)}")
         for a in persona.adapters:
-            lines.append(f"  {a.name}  scale {a.scale:g}  {_size(a.path)}  {a.path}")
+            card = f"  card {a.card}" if a.card else ""
+            lines.append(f"  {a.name}  scale {a.scale:g}{card}  {_size(a.path)}  {a.path}")
+            if details or base is not None:
+                lines += _adapter_lines(Path(a.path), base, base_note)
     if persona.steering:
         lines.append(f"steering:    {len(persona.steering)}")
         for s in persona.steering:
             layers = f"layers {s.layers[0]}-{s.layers[1]}" if s.layers else "all layers"
-            lines.append(f"  {s.name}  scale {s.scale:g}  {layers}  {_size(s.path)}  {s.path}")
+            card = f"  card {s.card}" if s.card else ""
+            lines.append(f"  {s.name}  scale {s.scale:g}  {layers}{card}  {_size(s.path)}  {s.path}")
+            if details or base is not None:
+                lines += _vector_lines(Path(s.path), base, base_note)
     return lines

@@ -110,13 +110,19 @@ class Session:
             raise UsageError(f"{key} = {scale:g}: out of range", "scales lie between -10 and 10")
         field_name = "adapters" if kind == "adapter" else "steering"
         parts = getattr(self.persona, field_name)
-        if not any(p.name == name for p in parts):
+
+        def same(part_name: str) -> bool:  # `/set` spells keys with '_' where file names may have '-'
+            return part_name == name or part_name.replace("-", "_").lower() == name.replace("-", "_").lower()
+
+        matched = [p.name for p in parts if same(p.name)]
+        if not matched:
             known = ", ".join(sorted({p.name for p in parts}))
             what = "adapter" if kind == "adapter" else "control vector"
             raise ChatError(
                 f"{self.persona.label} has no {what} named {name!r}",
                 f"known: {known}" if known else f"this persona has no {field_name}; /adapters lists the active parts",
             )
+        name = matched[0]
         updated = tuple(dataclasses.replace(p, scale=scale) if p.name == name else p for p in parts)
         persona = dataclasses.replace(self.persona, **{field_name: updated})
         old = self.persona
@@ -127,7 +133,7 @@ class Session:
             self.persona = old
             self.backend.apply(old)
             raise
-        self.notes.append(f"{key} = {scale:g}")
+        self.notes.append(f"{kind}.{name}.scale = {scale:g}")
         return persona
 
     def set_option(self, text: str) -> None:

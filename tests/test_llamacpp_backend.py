@@ -570,18 +570,6 @@ def test_q8_model_loads_and_generates(tiny_gguf_q8):
         assert finish.reason == "length" and finish.usage.completion_tokens == 8
 
 
-def test_apply_warns_about_parameter_parts(backend, tmp_path):
-    assert backend.apply(Persona(name="plain")) == []
-    p = Persona(
-        name="teacher",
-        adapters=(AdapterPart(tmp_path / "teacher.gguf", 0.8),),
-        steering=(SteeringPart(tmp_path / "calm.gguf", 0.5),),
-    )
-    warnings = backend.apply(p)
-    assert len(warnings) == 2 and all("later version" in w and "\n" not in w for w in warnings)
-    assert "teacher" in warnings[0] and "calm" in warnings[1]
-
-
 def test_close_frees_and_is_final(tiny_gguf):
     b = LlamaCppBackend(str(tiny_gguf), BackendOptions(threads=2))
     run(b, HELLO, SamplerSettings(max_tokens=2, seed=1))

@@ -37,8 +37,13 @@ def list_personas() -> None:
 
 
 @personas_app.command("show")
-def show(name: Annotated[str, typer.Argument(help="Card name, path, or mix.")]) -> None:
-    """The resolved card: prompt parts, sampler preset and parameter parts."""
+def show(
+    name: Annotated[str, typer.Argument(help="Card name, path, or mix.")],
+    model: Annotated[
+        str | None, typer.Option("-m", "--model", help="Base model the parameter parts must fit (default: the configured model).")
+    ] = None,
+) -> None:
+    """The resolved card: prompt parts, sampler preset and parameter parts (rank, targets, size, fit)."""
     with guard():
         app = AppContext()
         persona = app.catalog.resolve(name)
@@ -63,8 +68,34 @@ def show(name: Annotated[str, typer.Argument(help="Card name, path, or mix.")]) 
             echo("sampling:    " + ", ".join(f"{k}={v}" for k, v in persona.sampling.items()))
         from chat.partsinfo import describe_parts
 
-        for line in describe_parts(persona):
+        base, note = (None, None)
+        if persona.adapters or persona.steering:
+            base, note = _base_model(app, model)
+        for line in describe_parts(persona, base, note, details=True):
             echo(line)
+
+
+def _base_model(app: AppContext, spec: str | None):
+    """(BaseModel, None) for the -m or configured GGUF model, or (None, why not)."""
+    import os
+
+    from chat.errors import ChatError
+    from chat.gguf_parts import BaseModel
+    from chat.models import choose_model
+
+    explicit = spec is not None
+    if not (spec or os.environ.get("CHAT_MODEL") or app.config.default_model):
+        return None, "no base model given; pass -m MODEL.gguf"
+    try:
+        choice = choose_model(spec, app.config, app.paths)
+    except ChatError:
+        if explicit:
+            raise
+        return None, "the configured model was not found"
+    location = Path(choice.location)
+    if location.suffix.lower() != ".gguf" or not location.is_file():
+        return None, f"{choice.label} is not a GGUF file; GGUF parts are checked against GGUF bases"
+    return BaseModel.from_gguf(location), None
 
 
 @personas_app.command("validate")

@@ -11,8 +11,15 @@ What it keeps between calls:
 * one native sampler chain, rebuilt only when the settings change;
 * ``_attached``: the identity of the parameter parts (LoRA set, control vectors)
   active in the context, and ``_kv_attached``, the set the memory was computed
-  under. When they differ the memory is stale and is discarded. This step
-  attaches nothing; :meth:`apply` is where the next one hot-swaps.
+  under. When they differ the memory is stale: it is never reused under another set;
+* ``_states``: an LRU (byte budget ``BackendOptions.kv_cache_bytes``) of saved
+  sequence states keyed by (parameter set, persona). When the persona changes, the
+  memory it leaves is saved under its old key; coming back restores it with
+  ``llama_state_seq_set_data``, so a persona used before costs almost no prompt
+  evaluation (its fixed prefix — system prompt and examples — is already there).
+
+:meth:`apply` hot-swaps the parameter parts (see ``parts.py``): adapters are checked
+before llama.cpp sees them, loaded once, and the whole active set is replaced at once.
 """
 
 from __future__ import annotations
@@ -33,10 +40,13 @@ from . import native
 from .gguf_file import GGUFHeader, check_model_file
 from .sampler import NativeSampler, build_chain, chain_key
 from chat.template import ChatTemplate
+from .statecache import SavedState, StateCache
 from .textstream import TextAssembler
 
 if TYPE_CHECKING:
     from chat.persona import Persona
+
+    from .parts import ParameterParts
     from chat.sampling import SamplerSettings
 
 SEQ = 0  # the one sequence this backend uses
@@ -56,6 +66,7 @@ class StreamStats:
     completion_ids: tuple[int, ...] = ()
     finish: str = ""  # the Finish reason, or "closed" when the consumer closed the stream
     kv_cleared: bool = False  # the memory was discarded (parameter parts changed, or partial removal impossible)
+    state_restored: int = 0  # tokens whose KV came from a saved persona state
 
 
 @dataclass
@@ -67,6 +78,9 @@ class BackendStats:
     prompt_tokens_reused: int = 0
     completion_tokens: int = 0
     sampler_builds: int = 0
+    state_saves: int = 0  # persona states saved into the cache
+    state_restores: int = 0  # persona states restored from it
+    state_tokens_restored: int = 0
     last: StreamStats = field(default_factory=StreamStats)
 
 
@@ -98,8 +112,13 @@ class LlamaCppBackend:
     def can_load(cls, model: str) -> bool:
         return str(model).lower().endswith(".gguf")
 
-    def __init__(self, model: str, options: BackendOptions | None = None) -> None:
+    def __init__(self, model: str, options: BackendOptions | None = None, *, kv_type: str = "f16") -> None:
+        """``kv_type`` "f32" keeps the KV cache in float32 (bit-stable comparisons in tests); "f16" is llama.cpp's default."""
+        if kv_type not in ("f16", "f32"):
+            raise ValueError(f"kv_type must be 'f16' or 'f32', not {kv_type!r}")
+        self.kv_type = kv_type
         self._model: Any = None
+        self._parts: "ParameterParts | None" = None
         self._ctx: Any = None
         self._batch: Any = None
         self._sampler: NativeSampler | None = None
@@ -122,6 +141,8 @@ class LlamaCppBackend:
         self._attached: tuple = NO_PARTS  # parameter parts active in the context
         self._kv_attached: tuple = NO_PARTS  # parameter parts the memory was computed under
         self.persona_name = ""
+        self._kv_owner: tuple = (NO_PARTS, "")  # (parameter set, persona) the memory belongs to
+        self._states = StateCache(self.options.kv_cache_bytes)
 
     # --- loading ---------------------------------------------------------------------
 
@@ -151,6 +172,8 @@ class LlamaCppBackend:
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
         cparams.no_perf = True
+        if self.kv_type == "f32":
+            cparams.type_k = cparams.type_v = L.GGML_TYPE_F32
         native.mark()
         self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
@@ -161,6 +184,11 @@ class LlamaCppBackend:
         self._n_batch = min(MAX_BATCH, self.context_size)
         self._batch = L.llama_batch_init(self._n_batch, 0, 1)
         self._mem = L.llama_get_memory(self._ctx)
+        from chat.gguf_parts import BaseModel  # numpy: imported with the first model, not with the plugin
+
+        from .parts import ParameterParts
+
+        self._parts = ParameterParts(L, self._model, self._ctx, BaseModel.from_header(self.header))
         self._piece_buf = ctypes.create_string_buffer(256)
         self._bos = int(L.llama_vocab_bos(self._vocab))
         self._eos = int(L.llama_vocab_eos(self._vocab))
@@ -255,37 +283,65 @@ class LlamaCppBackend:
         return self._sampler
 
     def plugin_sampler(self, name: str, stage: Any, params: dict[str, Any]) -> Any:
-        """Extension point: a plugin stage (from ``chat.sampling.plugin_stages()``) → a llama_sampler pointer.
+        """A plugin stage (from ``chat.sampling.plugin_stages()``) as a custom sampler in the native chain.
 
-        It receives the stage object and its parameters for a name in ``order`` that is
-        not built in. The next step wraps the stage in a custom ``llama_sampler_i`` (as
-        ``llama_cpp._internals.CustomSampler`` does) that turns the candidates into logits,
-        calls the stage and writes them back.
+        The stage runs inside llama.cpp's chain through our own ``llama_sampler_i``
+        (:class:`.sampler.PythonStage`): the candidates become a vocabulary-wide logit
+        vector, the stage returns new logits, they are written back. Its vocabulary
+        (token texts, tokenizer) is built once per loaded model, lazily.
         """
-        raise SamplingError(
-            f"sampler stage {name!r} is not available on the llama.cpp backend yet",
-            f"remove {name!r} from `order`, or use a backend that runs plugin stages",
-        )
+        from chat.stages import SamplerStage, Vocabulary
+
+        from .sampler import PythonStage
+
+        if not isinstance(stage, SamplerStage):
+            raise SamplingError(
+                f"sampler stage {name!r} is not a chat.stages.SamplerStage (got {type(stage).__name__})",
+                f"its plugin must register(SamplerStage(...)); or remove {name!r} from `order`",
+            )
+        vocabulary = self.__dict__.get("_stage_vocabulary")
+        if vocabulary is None:
+            vocabulary = self._stage_vocabulary = Vocabulary(
+                self.n_vocab,
+                lambda t: self.piece(t).decode("utf-8", errors="replace"),
+                lambda text: self.tokenize(text, special=False),
+            )
+        return PythonStage(name, stage, stage.validate_params(params), vocabulary)
 
     # --- persona parameter parts ------------------------------------------------------
 
     def apply(self, persona: "Persona") -> list[str]:
-        """Attach the persona's parameter parts. This version attaches none and says so."""
+        """Attach the persona's adapters and control vectors, replacing the active set at once.
+
+        Every file is checked first; a part that does not fit raises AdapterError and
+        leaves the context as it was. Adapters stay loaded for the model's life, so
+        switching back and forth never reads a file twice. Returns warnings.
+        """
         self._check_open()
-        warnings = []
-        if persona.adapters:
-            names = ", ".join(a.name for a in persona.adapters)
-            warnings.append(f"{persona.label}: LoRA adapters are applied in a later version (ignored: {names})")
-        if persona.steering:
-            names = ", ".join(s.name for s in persona.steering)
-            warnings.append(f"{persona.label}: control vectors are applied in a later version (ignored: {names})")
+        assert self._parts is not None
+        warnings = self._parts.attach(persona)
         self.persona_name = persona.label
-        self._set_parameter_parts(NO_PARTS)
+        self._set_parameter_parts(self._parts.key)
         return warnings
 
     def _set_parameter_parts(self, key: tuple) -> None:
         """Make ``key`` the active parameter set; the memory is kept only if it was computed under it."""
         self._attached = key
+
+    def active_parts(self) -> list[str]:
+        """``/adapters``: one line per attached adapter or vector with its effective scale, card and size."""
+        if self._parts is None:
+            return []
+        return [p.line() for p in self._parts.active]
+
+    @property
+    def loaded_adapters(self) -> int:
+        """Adapters loaded into memory so far (they stay until the model is closed)."""
+        return self._parts.loaded if self._parts else 0
+
+    @property
+    def state_cache(self) -> StateCache:
+        return self._states
 
     # --- generation ------------------------------------------------------------------
 
@@ -366,10 +422,7 @@ class LlamaCppBackend:
     def _sync_memory(self, prompt: list[int], last: StreamStats) -> int:
         """Make the memory hold ``prompt`` with logits for its last token; return the tokens reused."""
         L = self._L
-        if self._kv_attached != self._attached:
-            self._clear_memory()
-            self._kv_attached = self._attached
-            last.kv_cleared = True
+        self._switch_memory(prompt, last)
         kv = self._kv
         n = min(len(kv), len(prompt) - 1)  # at least one prompt token is evaluated, for its logits
         common = 0
@@ -389,6 +442,54 @@ class LlamaCppBackend:
         self.stats.prompt_tokens_reused += common
         self.stats.prompt_tokens_evaluated += len(prompt) - common
         return common
+
+    def _switch_memory(self, prompt: list[int], last: StreamStats) -> None:
+        """When the persona or parameter set changed: save the memory it leaves, restore the new one's.
+
+        Memory computed under another parameter set is never reused. A persona
+        without parameter parts may share the set with the last one; its saved state
+        is restored only when it covers more of the prompt than the memory does.
+        """
+        owner = (self._attached, self.persona_name)
+        if owner == self._kv_owner:
+            return
+        stale = self._kv_attached != self._attached
+        saved = self._states.get(owner)
+        in_memory = 0 if stale else _common_prefix(self._kv, prompt)
+        use_saved = saved is not None and _common_prefix(saved.tokens, prompt) > in_memory
+        if in_memory < len(self._kv):  # some of the old persona's memory would be lost: keep it
+            self._save_state(self._kv_owner)
+        if stale or use_saved:
+            self._clear_memory()
+            last.kv_cleared = stale
+        if use_saved:
+            assert saved is not None
+            self._restore_state(saved, last)
+        self._kv_attached = self._attached
+        self._kv_owner = owner
+
+    def _save_state(self, key: tuple) -> None:
+        L = self._L
+        if not self._kv or self._states.budget <= 0:
+            return
+        L.llama_memory_seq_rm(self._mem, SEQ, len(self._kv), -1)  # positions the list does not know
+        size = int(L.llama_state_seq_get_size(self._ctx, SEQ))
+        if not self._states.fits(size):
+            self._states.discard(key)
+            return
+        buf = (ctypes.c_uint8 * size)()
+        written = int(L.llama_state_seq_get_data(self._ctx, buf, size, SEQ))
+        if written and self._states.put(key, SavedState(tuple(self._kv), buf)):
+            self.stats.state_saves += 1
+
+    def _restore_state(self, saved: SavedState, last: StreamStats) -> None:
+        if not self._L.llama_state_seq_set_data(self._ctx, saved.data, saved.n_bytes, SEQ):
+            self._clear_memory()  # a state this context cannot take: evaluate from scratch
+            return
+        self._kv[:] = saved.tokens
+        last.state_restored = len(saved.tokens)
+        self.stats.state_restores += 1
+        self.stats.state_tokens_restored += len(saved.tokens)
 
     def _clear_memory(self) -> None:
         self._L.llama_memory_clear(self._mem, True)
@@ -462,8 +563,10 @@ class LlamaCppBackend:
             "threads": self.n_threads,
             "n_batch": self._n_batch,
             "sampler": list(self._sampler.stages) if self._sampler else [],
-            "adapters": [],
-            "steering": [],
+            "adapters": [p.line() for p in (self._parts.active if self._parts else []) if p.kind == "adapter"],
+            "steering": [p.line() for p in (self._parts.active if self._parts else []) if p.kind == "steering"],
+            "kv_type": self.kv_type,
+            "saved_states": len(self._states) if hasattr(self, "_states") else 0,
             "llama_cpp_python": getattr(L, "__version__", ""),
         }
 
@@ -483,6 +586,11 @@ class LlamaCppBackend:
         if self._batch is not None:
             L.llama_batch_free(self._batch)
             self._batch = None
+        if getattr(self, "_states", None) is not None:
+            self._states.clear()
+        if self._parts is not None:
+            self._parts.detach_all()  # adapters themselves are freed with the model
+            self._parts = None
         if self._ctx:
             L.llama_free(self._ctx)
             self._ctx = None
@@ -501,3 +609,11 @@ class LlamaCppBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b) - 1)  # the last prompt token is always evaluated, for its logits
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return max(i, 0)
