@@ -28,7 +28,7 @@ def register_commands(register):
 
 @hookspec
 def register_samplers(register):
-    """Register sampler stages: ``register(chat.stages.SamplerStage(...))``, usable in ``order`` on every backend."""
+    """Register sampler stages: ``register(chat.stages.SamplerStage(name, description, Params, apply))``; ``apply(logits, context, params)`` returns new logits, and the stage runs at its place in ``order`` on every backend."""
 
 
 @hookspec

@@ -8,6 +8,18 @@ off, so ``temperature = 0`` is the pure argmax of the model's logits.
 Settings arrive in layers — defaults < preset < card < REPL ``/set`` < flags —
 and :func:`resolve_sampling` merges them, remembering where each value came from
 so ``/info`` and ``chat samplers show`` can say so.
+
+Plugin stages (:mod:`chat.stages`) run only where ``order`` names them. Their
+parameters are set as ``STAGE.PARAM`` and land in ``stage_params``. A stage with
+parameters but missing from ``order`` would be silently off, so:
+
+* when no layer sets ``order``, :func:`resolve_sampling` inserts such a stage at
+  the **front** of the default order (it then acts on the model's own logits, as
+  ``logit_bias`` does, before any filter) and records the source of ``order`` as
+  ``auto: STAGE has parameters (LAYER)``;
+* when a layer does set ``order`` without it, that is an error naming the stage
+  and both layers — and :class:`SamplerSettings` itself refuses parameters for a
+  stage that is not in its ``order``.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from chat.errors import SamplingError
 
@@ -88,6 +100,20 @@ class SamplerSettings(BaseModel):
                 close = difflib.get_close_matches(stage, sorted(known), n=1)
                 tip = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"unknown stage {stage!r}{tip} (known: {', '.join(sorted(known))})")
+        return value
+
+    @field_validator("stage_params")
+    @classmethod
+    def _stage_params_are_in_order(cls, value: dict[str, dict[str, Any]], info: ValidationInfo) -> dict[str, dict[str, Any]]:
+        order = info.data.get("order")
+        if order is None:  # order itself was invalid; that error is reported
+            return value
+        for stage in value:
+            if stage not in order:
+                raise ValueError(
+                    f"stage {stage!r} has parameters but is not in order; "
+                    f"add it to order (e.g. order={','.join((stage, *order))}) or remove its parameters"
+                )
         return value
 
     @property
@@ -199,7 +225,13 @@ def split_option(text: str) -> tuple[str, str]:
 def normalize_layer(values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
     """Check the keys of one layer and turn CLI strings into values; plugin-stage keys look like ``stage.param``."""
     out: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     for key, value in values.items():
+        if key in _PLUGIN_STAGES and isinstance(value, Mapping):  # TOML `word_filter.ban = [...]` is a nested table
+            flat.update({f"{key}.{param}": v for param, v in value.items()})
+        else:
+            flat[key] = value
+    for key, value in flat.items():
         key = key.replace("-", "_")
         if "." in key:
             stage, _, param = key.partition(".")
@@ -241,12 +273,30 @@ def resolve_sampling(layers: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[S
             else:
                 merged[key] = value
                 sources[key] = source
+    _place_stages_with_params(merged, sources)
     try:
         settings = SamplerSettings(**merged)
     except ValidationError as exc:
         raise _sampling_error(exc, merged, sources) from None
     _check_stage_params(settings, sources)
     return settings, sources
+
+
+def _place_stages_with_params(merged: dict[str, Any], sources: dict[str, str]) -> None:
+    """Put plugin stages that have parameters into the default order; refuse them missing from a set one."""
+    order = tuple(merged.get("order", DEFAULT_ORDER))
+    missing = [st for st in merged.get("stage_params", {}) if st not in order]
+    if not missing:
+        return
+    first = missing[0]
+    by = next((v for k, v in sources.items() if k.startswith(f"{first}.")), "settings")
+    if "order" in merged:
+        raise SamplingError(
+            f"{by}: {first!r} has parameters, but order (set by {sources.get('order', 'settings')}) does not include it",
+            f"add {first!r} to order (e.g. -o order={','.join((first, *order))}) or remove its parameters",
+        )
+    merged["order"] = (*missing, *order)
+    sources["order"] = f"auto: {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} parameters ({by})"
 
 
 def _check_stage_params(settings: SamplerSettings, sources: Mapping[str, str]) -> None:

@@ -23,7 +23,7 @@ Stages are pure numpy; this module imports no backend library.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, MutableSequence, Sequence
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,12 +177,3 @@ def run_stage(stage: SamplerStage, logits: np.ndarray, context: StageContext, pa
         raise SamplingError(f"sampler stage {stage.name!r} removed every candidate token", f"loosen {stage.name}'s parameters")
     return out
 
-
-def history(tokens: Sequence[int] | Any) -> list[int]:
-    """``tokens`` as a list of ints (accepts a list or a 1-D/2-D integer tensor/array of one row)."""
-    if isinstance(tokens, list):
-        return tokens
-    if hasattr(tokens, "tolist"):
-        out = tokens.tolist()
-        return out[0] if out and isinstance(out[0], list) else out
-    return list(tokens)

@@ -21,7 +21,6 @@ from chat.errors import AdapterError, ContextOverflowError, ModelError  # noqa: 
 from chat.persona import AdapterPart, Persona, SteeringPart  # noqa: E402
 from chat.sampling import SamplerSettings  # noqa: E402
 from chat_plugins.transformers_backend import TransformersBackend  # noqa: E402
-from chat_plugins.transformers_backend.basic_sampler import make_sampler  # noqa: E402
 from chat_plugins.transformers_backend.textstream import Detokenizer, StopHolder  # noqa: E402
 
 GREEDY = SamplerSettings(temperature=0.0, max_tokens=12)
@@ -276,27 +275,6 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(tb, base_ids):
     s = SamplerSettings(temperature=1.0, seed=7, max_tokens=12)
     assert run(tb, sampling=s)[2] == run(tb, sampling=s)[2]
     assert run(tb, sampling=SamplerSettings(temperature=1.5, top_k=1, seed=1, max_tokens=12))[2] == base_ids
-
-
-# --- the interim sampler ------------------------------------------------------------------------------
-
-
-def test_basic_sampler_stages():
-    import torch
-
-    logits = torch.tensor([1.0, 3.0, 2.0, 0.5])
-    assert make_sampler(SamplerSettings(temperature=0.0)).sample(logits, []) == 1
-    assert make_sampler(SamplerSettings(temperature=0.0, logit_bias={0: 10.0})).sample(logits, []) == 0
-    # penalties as llama.cpp: positive logits are divided by repeat_penalty
-    assert make_sampler(SamplerSettings(temperature=0.0, repeat_penalty=2.0)).sample(logits, [1]) == 2
-    picks = {make_sampler(SamplerSettings(temperature=1.0, seed=s, top_k=2)).sample(logits, []) for s in range(40)}
-    assert picks == {1, 2}
-    picks = {make_sampler(SamplerSettings(temperature=1.0, seed=s, min_p=0.5)).sample(logits, []) for s in range(40)}
-    assert picks <= {1, 2}
-    picks = {make_sampler(SamplerSettings(temperature=1.0, seed=s, top_p=0.5)).sample(logits, []) for s in range(40)}
-    assert picks == {1}
-    sampler = make_sampler(SamplerSettings(temperature=0.7, typical_p=0.5))
-    assert "typical_p" in sampler.unsupported
 
 
 # --- text assembly ----------------------------------------------------------------------------------------

@@ -52,8 +52,10 @@ def samplers(ctx: typer.Context) -> None:
         for stage in BUILTIN_STAGES:
             echo(f"  {stage}  [built-in]")
         for name, stage in reg.samplers.items():
-            params = ", ".join(f"{n}={f.default!r}" for n, f in stage.params.model_fields.items())
-            echo(f"  {name}  [{reg.sources.get('sampler:' + name)}]  {stage.description}  params: {params}")
+            echo(f"  {name}  [{reg.sources.get('sampler:' + name)}]  {stage.description}")
+            for pname, f in stage.params.model_fields.items():
+                default = f.default_factory() if f.default_factory else f.default
+                echo(f"      {name}.{pname} = {default!r}: {f.description or ''}")
         echo(f"default order: {','.join(DEFAULT_ORDER)}")
         echo("")
         echo("presets:")

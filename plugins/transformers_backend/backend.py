@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from chat.backend import BackendOptions, Finish, FinishReason, Message, Timings, Usage
 from chat.errors import ContextOverflowError, ModelError, SamplingError
 
-from .basic_sampler import make_sampler
 from .checkpoint import cached_snapshot, check_weights, is_model_folder, looks_like_id, resolve_model
 from .textstream import Detokenizer, StopHolder
 
@@ -210,6 +209,9 @@ class TransformersBackend:
         self.eos_ids = self._eos_ids(hf, tok)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(hf.forward).parameters
         self.template = ChatTemplate(source, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "", model=where)
+        from .sampling import tokenizer_context  # torch-heavy: imported once the model loads
+
+        self._stage_context = tokenizer_context(tok, self.n_vocab)  # vocabulary for plugin stages and DRY
 
     @staticmethod
     def _eos_ids(hf: Any, tok: Any) -> frozenset[int]:
@@ -318,7 +320,9 @@ class TransformersBackend:
         bad = [t for t in sampling.logit_bias if not 0 <= t < self.n_vocab]
         if bad:
             raise SamplingError(f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})", "use ids from this model's tokenizer")
-        sampler = make_sampler(sampling)
+        from .sampling import make_sampler
+
+        sampler = make_sampler(sampling, context=self._stage_context)
         self._sampler_stages = list(getattr(sampler, "stages", []))
         self._sampler_unsupported = list(getattr(sampler, "unsupported", []))
         self._generation += 1
