@@ -9,6 +9,7 @@ interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 from chat.backend import Backend, Finish, Message, Timings, Usage
 from chat.catalog import PersonaCatalog
 from chat.context import Fitted, fit_context
-from chat.errors import ChatError, SamplingError
+from chat.errors import ChatError, SamplingError, UsageError
 from chat.persona import NO_PERSONA, Persona
 from chat.sampling import BUILTIN_PRESETS, SamplerSettings, resolve_sampling, split_option
 
@@ -94,10 +95,6 @@ class Session:
         The persona keeps its name; its parts get the new scale and are re-applied to
         the backend (the base stays loaded). On an error the previous persona stays.
         """
-        import dataclasses
-
-        from chat.errors import UsageError
-
         kind, _, rest = key.partition(".")
         name, _, attr = rest.rpartition(".")
         if kind not in ("adapter", "steering") or attr != "scale" or not name:
