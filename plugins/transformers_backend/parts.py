@@ -156,6 +156,7 @@ class LoraSet:
         self.last_switch_s = 0.0
         self._layers: list[Any] = []  # the model's LoRA layers, listed once per adapter load
         self._layers_at = -1
+        self._scales: dict[str, float] = {}  # the user scale each adapter's layers hold now
 
     def load(self, folder: Path) -> LoadedAdapter:
         folder = Path(folder).resolve()
@@ -210,16 +211,19 @@ class LoraSet:
 
             self._layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
             self._layers_at = self.loads
+            self._scales.clear()  # a new adapter's layers start at peft's default scale
         names = [a.name for a, _ in entries]
+        rescale = [(a.name, s) for a, s in entries if self._scales.get(a.name) != s]
         for layer in self._layers:
             if not names:
                 layer._disable_adapters = True
                 continue
             layer._active_adapter = [n for n in names if n in layer.scaling]
             layer._disable_adapters = False
-            for a, s in entries:
-                if a.name in layer.scaling:
-                    layer.set_scale(a.name, s)  # s·α/r (s·α/√r for rsLoRA)
+            for name, s in rescale:
+                if name in layer.scaling:
+                    layer.set_scale(name, s)  # s·α/r (s·α/√r for rsLoRA)
+        self._scales.update(rescale)
         if names:
             self.peft.base_model.active_adapter = names
         self.active = list(entries)
