@@ -8,6 +8,7 @@ each card comes from and what it shadows.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,8 +84,13 @@ class PersonaCatalog:
 
     def resolve(self, spec: str) -> Persona:
         """``teacher``, ``./my-card``, or a mix ``teacher:0.7,pirate:0.3`` → a resolved Persona."""
-        parts = [(resolve_card(self.load(name), self.load), weight) for name, weight in parse_mix(spec)]
-        return mix_personas(parts)
+        parts, refs = [], []
+        for name, weight in parse_mix(spec):
+            loaded = self.load(name)
+            parts.append((resolve_card(loaded, self.load), weight))
+            ref = str(loaded.folder) if loaded.source == "path" else name
+            refs.append(ref if weight == 1.0 and len(parse_mix(spec)) == 1 else f"{ref}:{weight:g}")
+        return dataclasses.replace(mix_personas(parts), spec=",".join(refs))
 
     def reload(self) -> None:
         self._entries = None

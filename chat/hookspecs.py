@@ -29,8 +29,3 @@ def register_commands(register):
 @hookspec
 def register_samplers(register):
     """Register sampler stages: ``register(chat.stages.SamplerStage(name, description, Params, apply))``; ``apply(logits, context, params)`` returns new logits, and the stage runs at its place in ``order`` on every backend."""
-
-
-@hookspec
-def register_cli(app):
-    """Add commands to the typer ``app`` (a typer.Typer) for ``chat COMMAND``."""

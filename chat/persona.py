@@ -70,11 +70,12 @@ class Persona:
     source: str = ""  # where the card came from: "built-in", "user", "plugin:NAME", a path
     path: Path | None = None  # the card folder, when there is one
     mix: tuple[tuple[str, float], ...] = ()  # (card name, weight) for a mixed persona
+    spec: str = ""  # how to find it again (`chat -c`): names, absolute card paths, weights
 
     @property
     def label(self) -> str:
         """How history and listings name this persona: ``teacher`` or ``teacher:0.7,pirate:0.3``."""
-        if len(self.mix) > 1:
+        if len(self.mix) > 1 or (self.mix and self.mix[0][1] != 1.0):
             return ",".join(f"{n}:{w:g}" for n, w in self.mix)
         return self.name
 
@@ -255,7 +256,9 @@ def _card_part_path(file: Path, folder: Path, kind: str, index: int, raw: str) -
 # --- resolution: extends and mixing ---------------------------------------------------------
 
 
-def resolve_card(loaded: LoadedCard, lookup: Callable[[str], LoadedCard], _chain: tuple[str, ...] = ()) -> Persona:
+def resolve_card(
+    loaded: LoadedCard, lookup: Callable[[str], LoadedCard], _chain: tuple[tuple[Path, str], ...] = ()
+) -> Persona:
     """Apply ``extends`` (parents first, in listed order) and return the resolved Persona.
 
     Merge rules: text fields (description, greeting, system) come from the nearest card
@@ -264,13 +267,14 @@ def resolve_card(loaded: LoadedCard, lookup: Callable[[str], LoadedCard], _chain
     an entry for the same file replacing the parent's.
     """
     card = loaded.card
-    chain = _chain + (card.name,)
+    chain = _chain + ((loaded.folder, card.name),)  # cards are told apart by folder: names and paths both reach them
     base = Persona(name=card.name)
     for parent_name in card.extends:
-        if parent_name in chain:
-            cycle = " → ".join(chain + (parent_name,))
+        parent_card = lookup(parent_name)
+        if any(folder == parent_card.folder for folder, _ in chain):
+            cycle = " → ".join([name for _, name in chain] + [parent_card.card.name])
             raise PersonaError(f"{loaded.file}: extends forms a cycle: {cycle}", f"remove {parent_name!r} from extends")
-        parent = resolve_card(lookup(parent_name), lookup, chain)
+        parent = resolve_card(parent_card, lookup, chain)
         base = _inherit(base, parent)
     own = Persona(
         name=card.name,

@@ -74,6 +74,12 @@ class Repl:
                     self._answer(self.session.send(text))
             except ChatError as exc:
                 self.renderer.err_console.print(f"error: {exc}", style="bold red", markup=False)
+            except Exception as exc:  # a plugin command or a file write: report it, keep the session
+                from chat.cli.common import debugging
+
+                if debugging():
+                    raise
+                self.renderer.err_console.print(f"error: {exc.__class__.__name__}: {exc}", style="bold red", markup=False)
             self._flush_notes()
         return 0
 
@@ -167,7 +173,7 @@ class Repl:
         if not arg:
             self.print(self.session.system_prompt or "(no system prompt)")
             return
-        self.session.system_override = None if arg == "default" else arg
+        self.session.set_system(None if arg == "default" else arg)
         self.renderer.dim("system prompt updated")
 
     def cmd_retry(self, arg: str) -> None:
@@ -184,7 +190,7 @@ class Repl:
     def cmd_info(self, arg: str) -> None:
         s = self.session
         info = s.backend.info()
-        self.print(f"model:    {s.model_label}  ({info.get('path', '')})")
+        self.print(f"model:    {s.model_label}  ({info.get('path') or info.get('model') or ''})")
         self.print(f"backend:  {s.backend.name}")
         self.print(f"persona:  {s.persona.label}  [{s.persona.source}]")
         self.print(f"context:  {s.context_used()} / {s.backend.context_size} tokens")

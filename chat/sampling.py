@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -197,7 +198,7 @@ def parse_value(key: str, raw: str) -> Any:
                 raise SamplingError(f"{key}={raw}: not a JSON list ({exc.msg})", "write a,b,c or [\"a\", \"b\"]") from None
         if key == "order":
             return tuple(p.strip() for p in raw.split(",") if p.strip())
-        return tuple(p.encode().decode("unicode_escape") for p in raw.split(",")) if raw else ()
+        return tuple(_unescape(p) for p in raw.split(",")) if raw else ()
     if key == "logit_bias":
         bias: dict[str, str] = {}
         for part in filter(None, (p.strip() for p in raw.split(","))):
@@ -209,6 +210,14 @@ def parse_value(key: str, raw: str) -> Any:
     if raw.lower() in {"none", "null", "off", ""} and key in {"seed", "max_tokens"}:
         return None
     return raw
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def _unescape(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` as typed on a command line; everything else (any script) as is."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def split_option(text: str) -> tuple[str, str]:
@@ -279,7 +288,39 @@ def resolve_sampling(layers: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[S
     except ValidationError as exc:
         raise _sampling_error(exc, merged, sources) from None
     _check_stage_params(settings, sources)
+    _check_order_keeps_set_stages(settings, sources)
     return settings, sources
+
+
+# The settings each built-in stage reads: a stage left out of ``order`` while one of these is
+# set by a layer would be silently ignored — a known source of bad output elsewhere.
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "penalties": ("repeat_penalty", "frequency_penalty", "presence_penalty"),
+    "dry": ("dry_multiplier",),
+    "top_n_sigma": ("top_n_sigma",),
+    "top_k": ("top_k",),
+    "typical_p": ("typical_p",),
+    "top_p": ("top_p",),
+    "min_p": ("min_p",),
+    "xtc": ("xtc_probability",),
+    "temperature": ("temperature", "dynatemp_range"),
+}
+
+
+def _check_order_keeps_set_stages(settings: SamplerSettings, sources: Mapping[str, str]) -> None:
+    """Refuse an ``order`` that leaves out a built-in stage whose settings a layer turned on."""
+    if "order" not in sources or settings.mirostat:
+        return
+    for stage, fields in STAGE_FIELDS.items():
+        if stage in settings.order or not stage_is_active(settings, stage):
+            continue
+        for name in fields:
+            if name in sources and getattr(settings, name) != SamplerSettings.model_fields[name].default:
+                raise SamplingError(
+                    f"{sources['order']}: order leaves out {stage!r}, but {name}={getattr(settings, name)} "
+                    f"is set ({sources[name]}) and would be ignored",
+                    f"add {stage} to order, or unset {name}",
+                )
 
 
 def _place_stages_with_params(merged: dict[str, Any], sources: dict[str, str]) -> None:

@@ -62,6 +62,7 @@ class Session:
         self.conversation_id = conversation_id
         self.last = Turn()
         self.notes: list[str] = []  # messages for the user from the last operation
+        self._replace_answer: int | None = None  # /retry: the saved answer the next one replaces
         self.persona = persona
         self.notes.extend(self.backend.apply(persona))
         self.sampling, self.sampling_sources = self._resolve_sampling()
@@ -86,7 +87,7 @@ class Session:
             self.backend.apply(old)
             raise
         if self.store is not None and self.conversation_id:
-            self.store.update_conversation(self.conversation_id, persona=persona.label)  # `chat -c` resumes with it
+            self.store.update_conversation(self.conversation_id, persona=persona.spec or persona.label)  # `chat -c` resumes with it
         return persona
 
     def set_part_scale(self, key: str, value: str) -> Persona:
@@ -136,6 +137,7 @@ class Session:
     def set_option(self, text: str) -> None:
         """``/set KEY VALUE``: a REPL-level sampler setting (flags still win)."""
         key, value = split_option(text)
+        previous = dict(self.repl_sampling)
         if value.strip().lower() in {"default", "unset", "reset"}:
             self.repl_sampling.pop(key, None)
         else:
@@ -143,7 +145,7 @@ class Session:
         try:
             self.sampling, self.sampling_sources = self._resolve_sampling()
         except SamplingError:
-            self.repl_sampling.pop(key, None)
+            self.repl_sampling = previous
             raise
         if key in self.flag_sampling:
             self.notes.append(f"note: {key} is also set by a command-line flag, which wins")
@@ -163,9 +165,16 @@ class Session:
     def system_prompt(self) -> str:
         system = self.system_override if self.system_override is not None else self.persona.system
         if self.persona.knowledge:
-            facts = "\n".join(f"- {k}" for k in self.persona.knowledge)
-            system = f"{system}\n\nWhat you know:\n{facts}".strip()
+            block = "What you know:\n" + "\n".join(f"- {k}" for k in self.persona.knowledge)
+            if not system.endswith(block):  # a prompt restored from history already has it
+                system = f"{system}\n\n{block}".strip()
         return system
+
+    def set_system(self, text: str | None) -> None:
+        """``/system``: replace the system prompt (None restores the persona's); saved with the conversation."""
+        self.system_override = text
+        if self.store is not None and self.conversation_id:
+            self.store.update_conversation(self.conversation_id, system=self.system_prompt)
 
     def fixed_messages(self) -> list[Message]:
         out: list[Message] = []
@@ -183,23 +192,29 @@ class Session:
         self.turns.append(Message("user", text))
         self.turn_personas.append(None)
         try:
-            fitted = self._fit()
-        except ChatError:
+            fitted, stream = self._open()
+        except ChatError:  # refused before generation: nothing is saved, the conversation is as it was
             self.turns.pop()
             self.turn_personas.pop()
             raise
         self._save("user", text)
-        return self._stream(fitted)
+        return self._stream(fitted, stream)
 
     def regenerate(self) -> Iterator[str]:
         """``/retry``: drop the last answer and answer the same message again."""
         if not self.turns or self.turns[-1].role != "assistant":
             raise ChatError("nothing to retry", "send a message first")
-        self.turns.pop()
-        self.turn_personas.pop()
-        if self.store is not None and self.conversation_id:
-            self.store.delete_last_answer(self.conversation_id)
-        return self._stream(self._fit())
+        old, old_persona = self.turns.pop(), self.turn_personas.pop()
+        try:
+            fitted, stream = self._open()
+        except ChatError:
+            self.turns.append(old)
+            self.turn_personas.append(old_persona)
+            raise
+        if self.store is not None and self.conversation_id:  # the saved answer is replaced once the new one ends
+            last = self.store.messages(self.conversation_id)[-1:]
+            self._replace_answer = last[0].id if last and last[0].role == "assistant" else None
+        return self._stream(fitted, stream)
 
     def undo(self) -> int:
         """``/undo``: remove the last exchange (answer and the message before it)."""
@@ -224,9 +239,15 @@ class Session:
         self.turn_personas.clear()
         self.conversation_id = None
 
+    def _open(self) -> tuple[Fitted, Iterator[str | Finish]]:
+        """Fit the prompt and start the backend's stream (which refuses bad input before generating)."""
+        fitted = self._fit()
+        return fitted, self.backend.stream(fitted.messages, self.sampling)
+
     def _fit(self) -> Fitted:
         fitted = fit_context(
-            self.fixed_messages(), self.turns, self.backend.count_tokens, self.backend.context_size, self.sampling.max_tokens
+            self.fixed_messages(), _alternating(self.turns), self.backend.count_tokens, self.backend.context_size,
+            self.sampling.max_tokens,
         )
         if fitted.dropped:
             self.notes.append(
@@ -234,11 +255,11 @@ class Session:
             )
         return fitted
 
-    def _stream(self, fitted: Fitted) -> Iterator[str]:
+    def _stream(self, fitted: Fitted, stream: Iterator[str | Finish]) -> Iterator[str]:
         parts: list[str] = []
         finish: Finish | None = None
         started = time.perf_counter()
-        stream = self.backend.stream(fitted.messages, self.sampling)
+        failed = False
         try:
             for item in stream:
                 if isinstance(item, Finish):
@@ -246,11 +267,15 @@ class Session:
                 else:
                     parts.append(item)
                     yield item
+        except ChatError:
+            failed = True
+            raise
         finally:
             stream.close()
-            if finish is None:  # closed early or interrupted: keep what we have
+            if finish is None:  # closed early, interrupted or failed: keep what we have
                 elapsed = time.perf_counter() - started
-                finish = Finish("interrupted", Usage(prompt_tokens=fitted.prompt_tokens), Timings(prompt_s=elapsed))
+                reason = "error" if failed else "interrupted"
+                finish = Finish(reason, Usage(prompt_tokens=fitted.prompt_tokens), Timings(prompt_s=elapsed))
             text = "".join(parts)
             self.turns.append(Message("assistant", text))
             self.turn_personas.append(self.persona.label)
@@ -265,12 +290,18 @@ class Session:
         if self.conversation_id is None:
             self.conversation_id = self.store.new_conversation(
                 model=self.model_label,
-                persona=self.persona.label,
+                persona=self.persona.spec or self.persona.label,
                 system=self.system_prompt,
                 sampling=self.sampling.model_dump(mode="json", exclude_defaults=True),
             )
         if finish is None:
             self.store.add_message(self.conversation_id, role, text, model=self.model_label)
+        elif self._replace_answer is not None:
+            replace, self._replace_answer = self._replace_answer, None
+            self.store.update_message(
+                replace, content=text, persona=self.persona.label, model=self.model_label,
+                finish_reason=finish.reason, usage=finish.usage, timings=finish.timings,
+            )
         else:
             self.store.add_message(
                 self.conversation_id,
@@ -286,6 +317,8 @@ class Session:
     def _load(self, cid: str) -> None:
         conv = self.store.get_conversation(cid)
         self.conversation_id = conv.id
+        if self.system_override is None and conv.system and conv.system != self.system_prompt:
+            self.system_override = conv.system  # a --system or /system given earlier in this conversation
         for m in self.store.messages(conv.id):
             if m.role in ("user", "assistant"):
                 self.turns.append(Message(m.role, m.content))
@@ -293,6 +326,18 @@ class Session:
 
     def context_used(self) -> int:
         return self.backend.count_tokens(self.fixed_messages() + self.turns) if self.turns or self.fixed_messages() else 0
+
+
+def _alternating(turns: list[Message]) -> list[Message]:
+    """Join back-to-back messages of one role (an unanswered message left by a crash or an error),
+    so templates that insist on user/assistant alternation still render."""
+    out: list[Message] = []
+    for m in turns:
+        if out and out[-1].role == m.role:
+            out[-1] = Message(m.role, f"{out[-1].content}\n\n{m.content}")
+        else:
+            out.append(m)
+    return out
 
 
 def _preset(name: str | None) -> dict[str, Any]:

@@ -314,9 +314,11 @@ class Store:
         finish_reason: str | None = None,
         usage: Usage | None = None,
         timings: Timings | None = None,
+        persona: str | None = None,
+        model: str | None = None,
     ) -> None:
-        """Change a saved message (e.g. an answer saved early and completed later); None leaves a field alone."""
-        fields: dict[str, Any] = {"content": content, "finish_reason": finish_reason}
+        """Change a saved message (e.g. an answer replaced by /retry); None leaves a field alone."""
+        fields: dict[str, Any] = {"content": content, "finish_reason": finish_reason, "persona": persona, "model": model}
         if usage is not None:
             fields |= {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
         if timings is not None:

@@ -90,3 +90,12 @@ def test_card_with_adapters_still_loads_with_a_warning_on_a_backend_that_ignores
     assert r.exit_code == 0
     assert json.loads(r.stdout)["persona"] == "withlora"
     assert "adapter" in r.stderr
+
+
+def test_extends_cycle_through_a_path_or_a_renamed_card_is_caught(cli, chat_home, tmp_path):
+    folder = write_card(tmp_path / "a", f'name = "alpha"\nextends = ["{tmp_path / "a"}"]\n')
+    r = cli("personas", "validate", str(folder))
+    assert r.exit_code == 4 and "alpha → alpha" in r.stderr
+    write_card(chat_home / "config" / "personas" / "b", 'name = "bee"\nextends = ["b"]\n')
+    r = cli("personas", "show", "b")
+    assert r.exit_code == 4 and "cycle" in r.stderr and "Traceback" not in r.stderr

@@ -145,6 +145,8 @@ def test_slash_commands_set_info_undo_retry_system(spawn):
     child.expect_exact("system: Talk like a robot.")
     child.sendline("/nosuch")
     child.expect_exact("unknown command /nosuch")
+    child.sendline("/save /nonexistent-dir/x.md")  # an OS error is one line; the session goes on
+    child.expect_exact("error: FileNotFoundError")
     child.sendline("/help")
     child.expect_exact("/shout")
     child.sendline("/exit")

@@ -44,3 +44,16 @@ def test_list_values_from_the_command_line():
     assert settings.order == ("top_k", "min_p", "temperature")
     assert settings.stop == ("END", "\n\n")
     assert settings.logit_bias == {15: -100.0, 27: 2.5}
+
+
+def test_order_that_leaves_out_a_stage_someone_set_is_refused():
+    with pytest.raises(SamplingError) as err:
+        resolve_sampling([("card teacher", {"top_p": 0.9, "temperature": 0.7}), ("flags", {"order": "top_k,min_p", "top_k": "40"})])
+    assert "leaves out 'top_p'" in str(err.value) and "card teacher" in str(err.value)
+    settings, _ = resolve_sampling([("flags", {"order": "top_k,temperature", "top_k": "5"})])  # defaults may be left out
+    assert settings.order == ("top_k", "temperature")
+
+
+def test_non_ascii_stop_strings_survive_the_command_line():
+    settings, _ = resolve_sampling([("flags", {"stop": "café,。,END\\n"})])
+    assert settings.stop == ("café", "。", "END\n")

@@ -20,7 +20,7 @@ class DefaultGroup(TyperGroup):
     """A group whose unknown first word starts the default command (llm's pattern)."""
 
     def parse_args(self, ctx, args):  # type: ignore[override]
-        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h", "--version")):
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
             args = [DEFAULT_COMMAND, *args]
         return super().parse_args(ctx, args)
 

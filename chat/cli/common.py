@@ -20,6 +20,10 @@ def set_debug(value: bool) -> None:
     _debug = value or bool(os.environ.get("CHAT_DEBUG"))
 
 
+def debugging() -> bool:
+    return _debug or bool(os.environ.get("CHAT_DEBUG"))
+
+
 @contextlib.contextmanager
 def guard() -> Iterator[None]:
     """Turn ChatError into one red line and its exit code (re-raise under --debug)."""
