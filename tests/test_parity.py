@@ -185,3 +185,15 @@ def test_one_card_either_format_gguf_adapter_on_transformers(tf, lora_a_gguf, lo
     warnings = tf.apply(lora_persona((lora_a_gguf, 0.8)))
     assert not any("converted" in w for w in warnings)  # the cached conversion is reused
     tf.apply(BASE)
+
+
+def test_one_card_either_format_peft_adapter_on_llama_cpp(llama, lora_a_gguf, lora_a_peft, chat_home):
+    """A card's PEFT folder runs on llama.cpp: converted to GGUF once (cached), same tokens as the GGUF adapter."""
+    llama.apply(lora_persona((lora_a_gguf, 0.8)))
+    want = greedy_ids(llama, PROMPTS["hello"])
+    warnings = llama.apply(lora_persona((lora_a_peft, 0.8)))
+    assert any("converted PEFT adapter" in w for w in warnings)
+    assert greedy_ids(llama, PROMPTS["hello"]) == want
+    llama.apply(BASE)
+    assert not any("converted" in w for w in llama.apply(lora_persona((lora_a_peft, 0.8))))
+    llama.apply(BASE)

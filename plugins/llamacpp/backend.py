@@ -178,7 +178,7 @@ class LlamaCppBackend:
         self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             reason = native.errors_since() or "out of memory?"
-            raise ModelError(f"{where}: cannot create a context of {wanted} tokens: {reason}", "try a smaller --context-size")
+            raise ModelError(f"{where}: cannot create a context of {wanted} tokens: {reason}", "try a smaller --ctx")
         # llama.cpp may round the context up (to a multiple of 256); use no more than was asked for.
         self.context_size = min(wanted, int(L.llama_n_ctx(self._ctx)))
         self._n_batch = min(MAX_BATCH, self.context_size)
@@ -353,7 +353,7 @@ class LlamaCppBackend:
         if len(prompt) >= self.context_size:
             raise ContextOverflowError(
                 f"the prompt needs {len(prompt)} tokens but the context holds {self.context_size}",
-                "start a new conversation, shorten the message, or load the model with a larger --context-size",
+                "start a new conversation, shorten the message, or load the model with a larger --ctx",
             )
         chain = self.sampler_for(sampling)
         self._generation += 1
@@ -519,7 +519,7 @@ class LlamaCppBackend:
                 if rc == 1:
                     raise ContextOverflowError(
                         f"llama.cpp found no room for {len(chunk)} more tokens in the context of {self.context_size}",
-                        "start a new conversation or load the model with a larger --context-size",
+                        "start a new conversation or load the model with a larger --ctx",
                     )
                 raise ModelError(f"{self.path}: llama_decode failed (code {rc}): {native.errors_since()}", None)
             self._kv.extend(chunk)

@@ -134,8 +134,15 @@ class ParameterParts:
         warnings: list[str] = []
         adapters: dict[Path, list] = {}
         for part in persona.adapters:
-            info = self.lora(Path(part.path))
-            entry = adapters.setdefault(Path(part.path), [0.0, part, info])
+            path = Path(part.path)
+            if path.is_dir():  # a PEFT folder: one card, either format — convert once, cached by content hash
+                from chat.convert.cache import ensure_format
+
+                path, converted_now = ensure_format(path, "gguf", base=self.base.path)
+                if converted_now:
+                    warnings.append(f"{persona.label}: converted PEFT adapter {part.name} to GGUF once (cached in {path.parent})")
+            info = self.lora(path)
+            entry = adapters.setdefault(path, [0.0, part, info])
             entry[0] += part.scale
         vectors: list[tuple["SteeringPart", VectorInfo, tuple[int, ...]]] = []
         for s in persona.steering:

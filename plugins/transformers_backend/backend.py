@@ -315,7 +315,7 @@ class TransformersBackend:
         if len(prompt) >= self.context_size:
             raise ContextOverflowError(
                 f"the prompt needs {len(prompt)} tokens but the context holds {self.context_size}",
-                "start a new conversation, shorten the message, or load the model with a larger --context-size",
+                "start a new conversation, shorten the message, or load the model with a larger --ctx",
             )
         bad = [t for t in sampling.logit_bias if not 0 <= t < self.n_vocab]
         if bad:
@@ -461,7 +461,7 @@ class TransformersBackend:
                 if isinstance(exc, (KeyboardInterrupt, GeneratorExit)):
                     raise
                 if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
-                    raise ModelError(f"{self.path}: out of memory running {len(chunk)} tokens", "try a smaller --context-size or --dtype bfloat16") from None
+                    raise ModelError(f"{self.path}: out of memory running {len(chunk)} tokens", "try a smaller --ctx or --dtype bfloat16") from None
                 raise
             self._cache = out.past_key_values
             self._kv.extend(chunk)
