@@ -347,8 +347,8 @@ def mix_personas(parts: Sequence[tuple[Persona, float]]) -> Persona:
     the sets are united; the same file listed more than once adds its scales (vectors
     only combine when their layer ranges match). Prompt parts merge in mix order: system
     prompts joined by a blank line, examples and knowledge concatenated, the first
-    card's greeting and description. Sampler settings: the first card's, with keys the
-    first card leaves unset taken from the following cards in order.
+    card's greeting and description. Sampler settings: the first card's (flags, /set and
+    presets still apply on top).
     """
     if len(parts) == 1 and parts[0][1] == 1.0:
         return parts[0][0]
@@ -364,9 +364,6 @@ def mix_personas(parts: Sequence[tuple[Persona, float]]) -> Persona:
             prev_s = steering.get(key)
             scale = s.scale * w + (prev_s.scale if prev_s else 0.0)
             steering[key] = SteeringPart(s.path, scale, s.layers, s.card)
-    sampling: dict[str, Any] = {}
-    for persona, _ in reversed(parts):
-        sampling.update(persona.sampling)
     first = parts[0][0]
     mix = tuple((p.name, w) for p, w in parts)
     return Persona(
@@ -376,7 +373,7 @@ def mix_personas(parts: Sequence[tuple[Persona, float]]) -> Persona:
         system="\n\n".join(p.system for p, _ in parts if p.system),
         examples=tuple(e for p, _ in parts for e in p.examples),
         knowledge=tuple(k for p, _ in parts for k in p.knowledge),
-        sampling=sampling,
+        sampling=dict(first.sampling),
         adapters=tuple(adapters.values()),
         steering=tuple(steering.values()),
         source=", ".join(dict.fromkeys(p.source for p, _ in parts)),

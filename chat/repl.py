@@ -275,7 +275,9 @@ class SlashCompleter(Completer):
                     yield Completion("/" + name, start_position=-len(text))
             return
         command, _, arg = text.partition(" ")
-        word = arg.split(",")[-1].split(":")[0] if command == "/persona" else arg
+        word = arg.split(",")[-1] if command == "/persona" else arg
+        if command == "/persona" and ":" in word:
+            return  # typing a weight: nothing to complete
         if command == "/persona":
             choices = self.repl.session.catalog.names() if self.repl.session.catalog else []
         elif command == "/set" and " " not in arg:

@@ -222,3 +222,8 @@ def test_long_conversation_drops_oldest_turns_and_says_so(cli):
         assert r.exit_code == 0
     assert "context full: left out" in r.stderr
     assert r.stdout.startswith("[pirate] echo: turn2")
+
+
+def test_unknown_preset_is_refused_before_loading_a_model(cli, tmp_path):
+    r = cli("-m", str(tmp_path / "missing.gguf"), "--preset", "precize", "hi")
+    assert r.exit_code == 2 and "did you mean 'precise'" in r.stderr

@@ -47,7 +47,7 @@ def test_mix_scales_parts_by_weight_and_merges_prompts_in_order(catalog):
     scales = {a.path.name: a.scale for a in p.adapters}
     assert scales == {"x.gguf": pytest.approx(0.35), "shared.gguf": pytest.approx(0.7)}
     assert [(s.path.name, s.scale, s.layers) for s in p.steering] == [("v.gguf", pytest.approx(0.6), (1, 3))]
-    assert p.sampling["temperature"] == 0.9 and p.sampling["min_p"] == 0.1  # first card wins, gaps filled
+    assert p.sampling == {"temperature": 0.9, "top_k": 10}  # the first card's sampler settings only
 
 
 def test_same_adapter_in_two_mixed_cards_adds_scales(catalog, tmp_path):

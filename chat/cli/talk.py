@@ -87,6 +87,10 @@ def run_request(app: AppContext, request: Request) -> int:
             raise UsageError(f"-o {opt!r}: expected KEY=VALUE", "e.g. -o top_p=0.9")
         flag_sampling[key] = value
     resolve_sampling([("flags", flag_sampling)])  # refuse bad values before a model is loaded
+    if request.preset:
+        from chat.presets import load_preset
+
+        load_preset(request.preset, app.paths)
 
     config = app.config
     choice = choose_model(request.model, config, app.paths, request.backend)
