@@ -17,7 +17,6 @@ llama_cpp = pytest.importorskip("llama_cpp")
 import modelfactory as mf  # noqa: E402
 from chat.backend import BackendOptions, Finish, Message  # noqa: E402
 from chat.errors import ContextOverflowError, ModelError, SamplingError  # noqa: E402
-from chat.persona import AdapterPart, Persona, SteeringPart  # noqa: E402
 from chat.sampling import SamplerSettings, set_plugin_stages, plugin_stages  # noqa: E402
 from chat_plugins.llamacpp import LlamaCppBackend  # noqa: E402
 from chat_plugins.llamacpp.sampler import build_chain  # noqa: E402
@@ -30,33 +29,6 @@ HELLO = [Message("system", "You are a helpful assistant."), Message("user", "Hel
 
 # --- fixtures ------------------------------------------------------------------------------
 
-try:  # conftest star-imports the shared session fixtures (tiny_gguf, tiny_gguf_q8, tiny_gguf_no_template)
-    import model_fixtures  # noqa: F401
-except ImportError:  # pragma: no cover - fallback while the shared fixtures module is missing
-
-    @pytest.fixture(scope="session")
-    def _fallback_models(tmp_path_factory):
-        root = tmp_path_factory.mktemp("llamacpp-models")
-        tok = mf.train_tokenizer(root / "tokenizer")
-        cfg = mf.TinyLlamaConfig(vocab_size=mf.tokenizer_vocab_size(tok))
-        weights = mf.make_llama_weights(cfg, seed=0)
-        return {
-            "f32": mf.write_gguf(root / "tiny.gguf", cfg, weights, tok),
-            "q8": mf.write_gguf(root / "tiny-q8.gguf", cfg, weights, tok, qtype="q8_0"),
-            "none": mf.write_gguf(root / "tiny-notemplate.gguf", cfg, weights, tok, chat_template=None),
-        }
-
-    @pytest.fixture(scope="session")
-    def tiny_gguf(_fallback_models):
-        return _fallback_models["f32"]
-
-    @pytest.fixture(scope="session")
-    def tiny_gguf_q8(_fallback_models):
-        return _fallback_models["q8"]
-
-    @pytest.fixture(scope="session")
-    def tiny_gguf_no_template(_fallback_models):
-        return _fallback_models["none"]
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 import modelfactory as mf  # noqa: E402
 from chat.backend import BackendOptions, Message  # noqa: E402
 from chat.errors import AdapterError, ChatError  # noqa: E402
-from chat.persona import AdapterPart, Example, Persona, SteeringPart, mix_personas  # noqa: E402
+from chat.persona import AdapterPart, Persona, SteeringPart, mix_personas  # noqa: E402
 from chat.sampling import SamplerSettings  # noqa: E402
 from chat_plugins.llamacpp import LlamaCppBackend  # noqa: E402
 

@@ -2,69 +2,9 @@
 
 from __future__ import annotations
 
-import re
-import time
-
 import pexpect
-import pytest
 
-from conftest import chat_exe
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]|\x1b[=>]|\x08|\r")
-
-
-class Terminal:
-    """A pexpect child whose expectations ignore terminal escape codes (prompt_toolkit draws with them)."""
-
-    def __init__(self, child: pexpect.spawn) -> None:
-        self.child = child
-        self.seen = ""  # plain text not yet consumed by an expectation
-
-    def expect_exact(self, text: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.seen:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"did not see {text!r}; screen text: {self.seen[-500:]!r}")
-            try:
-                self.seen += ANSI.sub("", self.child.read_nonblocking(4096, timeout=0.2))
-            except pexpect.TIMEOUT:
-                pass
-        self.seen = self.seen[self.seen.index(text) + len(text):]
-
-    def expect(self, pattern, timeout: float = 20) -> None:
-        if pattern is pexpect.EOF:
-            self.child.expect(pexpect.EOF, timeout=timeout)
-            return
-        deadline = time.monotonic() + timeout
-        while not (m := re.search(pattern, self.seen)):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"did not see /{pattern}/; screen text: {self.seen[-500:]!r}")
-            try:
-                self.seen += ANSI.sub("", self.child.read_nonblocking(4096, timeout=0.2))
-            except pexpect.TIMEOUT:
-                pass
-        self.seen = self.seen[m.end():]
-
-    def __getattr__(self, name):
-        return getattr(self.child, name)
-
-
-@pytest.fixture
-def spawn(subprocess_env):
-    children = []
-
-    def start(*args: str, delay: str = "0.02") -> Terminal:
-        env = dict(subprocess_env, CHAT_SCRIPTED_DELAY=delay, TERM="xterm")
-        exe = chat_exe()
-        child = pexpect.spawn(exe[0], exe[1:] + list(args), env=env, encoding="utf-8", timeout=20, dimensions=(40, 200))
-        children.append(child)
-        return Terminal(child)
-
-    yield start
-    for child in children:
-        if child.isalive():
-            child.terminate(force=True)
-
+from terminal import spawn  # noqa: F401  (the fixture)
 
 def test_repl_session_greeting_chat_switch_interrupt_continue_exit(spawn, chat_home):
     child = spawn("-m", "scripted", "-p", "teacher")

@@ -10,9 +10,7 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from test_repl import Terminal  # noqa: E402
-
-from conftest import chat_exe  # noqa: E402
+from terminal import spawn  # noqa: E402,F401  (the fixture)
 
 
 def card(folder: Path, name: str, text: str, files: dict[str, Path]) -> Path:
@@ -35,23 +33,6 @@ def adapter_cards(chat_home, lora_a_gguf, lora_b_gguf, cvec_gguf, bad_model_file
     )
     card(root, "broken", '[[adapters]]\npath = "bad.gguf"\n', {"bad.gguf": bad_model_files["lora_alpha_int32"]})
     return root
-
-
-@pytest.fixture
-def spawn(subprocess_env):
-    children = []
-
-    def start(*args: str) -> Terminal:
-        env = dict(subprocess_env, TERM="xterm")
-        exe = chat_exe()
-        child = pexpect.spawn(exe[0], exe[1:] + list(args), env=env, encoding="utf-8", timeout=30, dimensions=(40, 240))
-        children.append(child)
-        return Terminal(child)
-
-    yield start
-    for child in children:
-        if child.isalive():
-            child.terminate(force=True)
 
 
 def test_switch_and_mix_adapter_personas_mid_conversation(spawn, chat_home, adapter_cards, tiny_gguf):

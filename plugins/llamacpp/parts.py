@@ -40,7 +40,7 @@ from chat.gguf_parts import (
 from . import native
 
 if TYPE_CHECKING:
-    from chat.persona import AdapterPart, Persona, SteeringPart
+    from chat.persona import Persona, SteeringPart
 
 NO_PARTS: tuple = ((), ())
 
