@@ -292,18 +292,17 @@ def resolve_sampling(layers: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[S
     return settings, sources
 
 
-# The settings each built-in stage reads: a stage left out of ``order`` while one of these is
-# set by a layer would be silently ignored — a known source of bad output elsewhere.
-STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "penalties": ("repeat_penalty", "frequency_penalty", "presence_penalty"),
-    "dry": ("dry_multiplier",),
+# Every setting each built-in stage reads (for `chat samplers` and the order check); the rest apply to the whole chain.
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "penalties": ("repeat_penalty", "frequency_penalty", "presence_penalty", "penalty_last_n"),
+    "dry": ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers"),
     "top_n_sigma": ("top_n_sigma",),
     "top_k": ("top_k",),
     "typical_p": ("typical_p",),
     "top_p": ("top_p",),
     "min_p": ("min_p",),
-    "xtc": ("xtc_probability",),
-    "temperature": ("temperature", "dynatemp_range"),
+    "xtc": ("xtc_probability", "xtc_threshold"),
+    "temperature": ("temperature", "dynatemp_range", "dynatemp_exponent"),
 }
 
 
@@ -311,7 +310,7 @@ def _check_order_keeps_set_stages(settings: SamplerSettings, sources: Mapping[st
     """Refuse an ``order`` that leaves out a built-in stage whose settings a layer turned on."""
     if "order" not in sources or settings.mirostat:
         return
-    for stage, fields in STAGE_FIELDS.items():
+    for stage, fields in STAGE_PARAMS.items():
         if stage in settings.order or not stage_is_active(settings, stage):
             continue
         for name in fields:

@@ -41,22 +41,26 @@ def samplers(ctx: typer.Context) -> None:
     with guard():
         from chat.plugins import get_registry
         from chat.presets import all_presets
-        from chat.sampling import BUILTIN_STAGES, DEFAULT_ORDER, describe_fields
+        from chat.sampling import DEFAULT_ORDER, STAGE_PARAMS, describe_fields
 
         reg = get_registry()
-        echo("settings (name = default: meaning):")
-        for name, default, desc in describe_fields():
-            echo(f"  {name} = {default!r}: {desc}")
-        echo("")
-        echo("stages (use in order=…):")
-        for stage in BUILTIN_STAGES:
+        fields = {name: (default, desc) for name, default, desc in describe_fields()}
+        echo("stages (run in `order`; each with its settings = default: meaning):")
+        for stage, params in STAGE_PARAMS.items():
             echo(f"  {stage}  [built-in]")
+            for name in params:
+                default, desc = fields.pop(name)
+                echo(f"      {name} = {default!r}: {desc}")
         for name, stage in reg.samplers.items():
             echo(f"  {name}  [{reg.sources.get('sampler:' + name)}]  {stage.description}")
             for pname, f in stage.params.model_fields.items():
                 default = f.default_factory() if f.default_factory else f.default
                 echo(f"      {name}.{pname} = {default!r}: {f.description or ''}")
         echo(f"default order: {','.join(DEFAULT_ORDER)}")
+        echo("")
+        echo("settings for the whole chain:")
+        for name, (default, desc) in fields.items():
+            echo(f"  {name} = {default!r}: {desc}")
         echo("")
         echo("presets:")
         for name, (values, src) in sorted(all_presets().items()):
