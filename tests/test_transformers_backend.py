@@ -21,7 +21,8 @@ from chat.errors import AdapterError, ContextOverflowError, ModelError  # noqa: 
 from chat.persona import AdapterPart, Persona, SteeringPart  # noqa: E402
 from chat.sampling import SamplerSettings  # noqa: E402
 from chat_plugins.transformers_backend import TransformersBackend  # noqa: E402
-from chat_plugins.transformers_backend.textstream import Detokenizer, StopHolder  # noqa: E402
+from chat.stops import StopHolder  # noqa: E402
+from chat_plugins.transformers_backend.textstream import Detokenizer  # noqa: E402
 
 GREEDY = SamplerSettings(temperature=0.0, max_tokens=12)
 HELLO = [Message("user", "hello there")]

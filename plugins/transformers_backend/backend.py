@@ -30,7 +30,9 @@ from chat.backend import BackendOptions, Finish, FinishReason, Message, Timings,
 from chat.errors import ContextOverflowError, ModelError, SamplingError
 
 from .checkpoint import cached_snapshot, check_weights, is_model_folder, looks_like_id, resolve_model
-from .textstream import Detokenizer, StopHolder
+from chat.stops import StopHolder
+
+from .textstream import Detokenizer
 
 try:
     from chat.template import ChatTemplate
