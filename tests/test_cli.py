@@ -227,3 +227,13 @@ def test_long_conversation_drops_oldest_turns_and_says_so(cli):
 def test_unknown_preset_is_refused_before_loading_a_model(cli, tmp_path):
     r = cli("-m", str(tmp_path / "missing.gguf"), "--preset", "precize", "hi")
     assert r.exit_code == 2 and "did you mean 'precise'" in r.stderr
+
+
+def test_models_list_finds_gguf_in_the_hugging_face_cache(subprocess_env, tmp_path):
+    snap = tmp_path / "hub" / "models--Org--Tiny-GGUF" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "tiny-q8_0.gguf").write_bytes(b"GGUF" + b"\0" * 2048)
+    env = dict(subprocess_env, HF_HUB_CACHE=str(tmp_path / "hub"))
+    r = subprocess.run(chat_exe() + ["models", "list"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0
+    assert "tiny-q8_0.gguf" in r.stdout and "hf cache: Org/Tiny-GGUF" in r.stdout
