@@ -25,8 +25,18 @@ def list_(limit: Annotated[int, typer.Option("-n", "--limit", help="How many.")]
             echo("no saved conversations")
         for c in rows:
             persona = f" [{c.persona}]" if c.persona and c.persona != "default" else ""
-            echo(f"{c.id}  {c.updated_at[:16]}  {c.message_count:>3} msgs{persona}  {c.title}")
+            echo(f"{c.id}  {_local(c.updated_at)}  {c.message_count:>3} msgs{persona}  {c.title}")
         store.close()
+
+
+def _local(stamp: str) -> str:
+    """The store keeps UTC (ISO, ending in Z); people read their own clock."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return stamp[:16]
 
 
 @history_app.command("show")
