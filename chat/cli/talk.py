@@ -117,6 +117,10 @@ def run_request(app: AppContext, request: Request) -> int:
         options = BackendOptions(**{**config.backend, **request.backend_options})
     except Exception as exc:  # pydantic ValidationError
         raise UsageError(f"backend option: {exc}", "see `chat --help`") from None
+    if prompt is None:  # the REPL: say what takes the time before the first prompt appears
+        from chat.render import Renderer
+
+        Renderer().dim(f"loading {choice.label}…")
     backend = load_backend(choice, options)
     try:
         session = Session(
