@@ -72,7 +72,11 @@ def load_backend(choice: ModelChoice, options: BackendOptions) -> Backend:
                 f"use a .gguf file (llama.cpp) or a Hugging Face model folder; installed backends: {', '.join(sorted(backends))}",
             )
     merged = options.model_copy(update={k: v for k, v in choice.options.items() if k not in options.model_fields_set})
-    return cls(choice.location, merged)
+    try:
+        return cls(choice.location, merged)
+    except ModuleNotFoundError as exc:  # the plugin is installed, the library it drives is not
+        hint = getattr(cls, "install_hint", None) or f"pip install {exc.name}"
+        raise ModelError(f"the {cls.name} backend needs the Python package {exc.name!r}, which is not installed", hint) from None
 
 
 @dataclass(frozen=True)

@@ -237,3 +237,19 @@ def test_models_list_finds_gguf_in_the_hugging_face_cache(subprocess_env, tmp_pa
     r = subprocess.run(chat_exe() + ["models", "list"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0
     assert "tiny-q8_0.gguf" in r.stdout and "hf cache: Org/Tiny-GGUF" in r.stdout
+
+
+def test_a_backend_whose_library_is_missing_says_how_to_install_it(cli, monkeypatch, tiny_gguf):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_llama(name, *args, **kwargs):
+        if name == "llama_cpp" or name.startswith("llama_cpp."):
+            raise ModuleNotFoundError("No module named 'llama_cpp'", name="llama_cpp")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_llama)
+    r = cli("-m", str(tiny_gguf), "--no-history", "hi")
+    assert r.exit_code == 3 and "Traceback" not in r.stderr
+    assert "needs the Python package 'llama_cpp'" in r.stderr and 'pip install "chat[llamacpp]"' in r.stderr

@@ -107,6 +107,7 @@ class LlamaCppBackend:
     """A GGUF model on llama.cpp (CPU, or GPU layers when llama-cpp-python was built with one)."""
 
     name: ClassVar[str] = "llama.cpp"
+    install_hint: ClassVar[str] = 'install it: pip install "chat[llamacpp]"'  # shown when the library it drives is missing
 
     @classmethod
     def can_load(cls, model: str) -> bool:

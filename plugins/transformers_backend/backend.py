@@ -115,6 +115,7 @@ class TransformersBackend:
     """A Hugging Face causal LM through transformers (CPU, CUDA or MPS)."""
 
     name: ClassVar[str] = "transformers"
+    install_hint: ClassVar[str] = 'install it: pip install "chat[transformers]" (torch==2.13.0 first, for the CPU build)'  # shown when the library it drives is missing
 
     @classmethod
     def can_load(cls, model: str) -> bool:
