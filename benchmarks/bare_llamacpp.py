@@ -1,6 +1,6 @@
 """The baseline: a bare llama-cpp-python greedy loop (low-level API), no chat layer at all.
 
-Usage: python benchmarks/bare_llamacpp.py MODEL.gguf PROMPT_TOKENS N_GENERATE THREADS
+Usage: python benchmarks/bare_llamacpp.py MODEL.gguf PROMPT_TOKENS N_GENERATE THREADS [ADAPTER.gguf]
 Prints: decode tokens/s, prompt seconds (one line of JSON).
 """
 
@@ -15,6 +15,7 @@ def main() -> None:
     import llama_cpp as L
 
     path, n_prompt, n_gen, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    adapter = sys.argv[5] if len(sys.argv) > 5 else None
     quiet = L.llama_log_callback(lambda *a: None)  # keep a reference: ggml calls it later
     L.llama_log_set(quiet, None)
     mparams = L.llama_model_default_params()
@@ -30,6 +31,12 @@ def main() -> None:
     cparams.n_threads_batch = threads
     ctx = L.llama_init_from_model(model, cparams)
     vocab = L.llama_model_get_vocab(model)
+    if adapter:  # one LoRA adapter at scale 1, attached with the low-level calls
+        import ctypes
+
+        lora = L.llama_adapter_lora_init(model, adapter.encode())
+        loras = (L.llama_adapter_lora_p_ctypes * 1)(lora)
+        L.llama_set_adapters_lora(ctx, loras, 1, (ctypes.c_float * 1)(1.0))
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
 

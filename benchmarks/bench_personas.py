@@ -72,11 +72,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--raw", nargs=4, metavar=("MODEL", "ADAPTER", "PROMPT_TOKENS", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--memory", nargs="+", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.raw:
-        return raw_loop(*args.raw, threads=args.threads)
     if args.memory:
         return memory_child(args.memory[0], args.memory[1:], args.threads)
 
@@ -201,56 +198,12 @@ def decode(model: Path, adapter: Path, tmp: Path, args) -> None:
         assert data["usage"]["completion_tokens"] == args.tokens, data
         chat_tps.append(data["timings"]["tokens_per_s"])
         n_prompt = data["usage"]["prompt_tokens"]
-        raw = [sys.executable, __file__, "--threads", str(args.threads), "--raw", str(model), str(adapter), str(n_prompt), str(args.tokens)]
+        raw = [sys.executable, str(Path(__file__).with_name("bare_llamacpp.py")), str(model), str(n_prompt), str(args.tokens), str(args.threads), str(adapter)]
         out = subprocess.run(raw, capture_output=True, text=True, env=env, check=True)
         raw_tps.append(json.loads(out.stdout)["tokens_per_s"])
     c, r = statistics.median(chat_tps), statistics.median(raw_tps)
     print(f"decode with the adapter: chat {c:.2f} tok/s, raw llama-cpp-python {r:.2f} tok/s ({args.tokens} tokens, {args.threads} threads, median of {args.runs})")
     print(ratio_line("decode with adapter, chat / raw", c / r, "≥ 0.97"))
-
-
-def raw_loop(path: str, adapter: str, n_prompt: str, n_gen: str, threads: int) -> None:
-    """The baseline: llama-cpp-python's low-level API, one adapter attached, greedy."""
-    import ctypes
-
-    import llama_cpp as L
-
-    n_prompt_i, n_gen_i = int(n_prompt), int(n_gen)
-    quiet = L.llama_log_callback(lambda *a: None)  # kept alive: llama.cpp logs again when the adapter loads
-    L.llama_log_set(quiet, None)
-    mparams = L.llama_model_default_params()
-    mparams.use_extra_bufts = False  # as chat does: ggml's AMX path crashes on Q8_0 batches here
-    model = L.llama_model_load_from_file(path.encode(), mparams)
-    cparams = L.llama_context_default_params()
-    cparams.n_ctx = 2048
-    cparams.n_batch = 512
-    cparams.n_threads = threads
-    cparams.n_threads_batch = threads
-    ctx = L.llama_init_from_model(model, cparams)
-    lora = L.llama_adapter_lora_init(model, adapter.encode())
-    arr = (L.llama_adapter_lora_p_ctypes * 1)(lora)
-    scales = (ctypes.c_float * 1)(1.0)
-    L.llama_set_adapters_lora(ctx, arr, 1, scales)
-    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-    L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
-    prompt = [(7 * i) % 400 + 20 for i in range(n_prompt_i)]
-    toks = (L.llama_token * len(prompt))(*prompt)
-    L.llama_decode(ctx, L.llama_batch_get_one(toks, len(prompt)))
-    tok = L.llama_sampler_sample(chain, ctx, -1)
-    first = time.perf_counter()
-    one = (L.llama_token * 1)()
-    for _ in range(n_gen_i - 1):
-        one[0] = tok
-        L.llama_decode(ctx, L.llama_batch_get_one(one, 1))
-        tok = L.llama_sampler_sample(chain, ctx, -1)
-    done = time.perf_counter()
-    print(json.dumps({"tokens_per_s": (n_gen_i - 1) / (done - first)}))
-    L.llama_sampler_free(chain)
-    L.llama_free(ctx)
-    L.llama_model_free(model)
-
-
-# --- 4. memory per loaded adapter ---------------------------------------------------------------------
 
 
 def rss() -> int:
