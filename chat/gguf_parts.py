@@ -71,13 +71,18 @@ class Header:
         """Where the last tensor's data ends; more than ``file_size`` means the file is truncated."""
         return self.data_start + max((t.offset + t.n_bytes for t in self.tensors.values()), default=0)
 
+    @property
+    def chat_template(self) -> str | None:
+        value = self.metadata.get("tokenizer.chat_template")
+        return value if isinstance(value, str) and value.strip() else None
+
     def arch_int(self, key: str) -> int | None:
         value = self.metadata.get(f"{self.architecture}.{key}")
         return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-class _Truncated(Exception):
-    pass
+class TruncatedHeader(Exception):
+    """The file ends inside its GGUF header."""
 
 
 class _Reader:
@@ -87,7 +92,7 @@ class _Reader:
     def take(self, fmt: str) -> Any:
         n = struct.calcsize("<" + fmt)
         if self.pos + n > self.size:
-            raise _Truncated
+            raise TruncatedHeader
         (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
         self.pos += n
         return value
@@ -95,7 +100,7 @@ class _Reader:
     def string(self) -> str:
         n = self.take("Q")
         if self.pos + n > self.size:
-            raise _Truncated
+            raise TruncatedHeader
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         return raw.decode("utf-8", errors="replace")
@@ -105,14 +110,14 @@ class _Reader:
         if etype in _SCALARS:
             n = struct.calcsize("<" + _SCALARS[etype]) * count
             if self.pos + n > self.size:
-                raise _Truncated
+                raise TruncatedHeader
             self.pos += n
         elif etype == _STRING:
             for _ in range(count):
                 n = self.take("Q")
                 self.pos += n
                 if self.pos > self.size:
-                    raise _Truncated
+                    raise TruncatedHeader
         elif etype == _ARRAY:
             for _ in range(count):
                 self.skip_array()
@@ -134,8 +139,8 @@ def read_header(path: str | os.PathLike[str], what: str = "file") -> Header:
     except OSError as exc:
         raise AdapterError(f"{p}: cannot read the {what} ({exc.strerror or exc})", "check the path and its permissions") from None
     try:
-        header = _parse(p, buf, size)
-    except _Truncated:
+        header = parse_header(p, buf, size)
+    except TruncatedHeader:
         raise AdapterError(f"{p}: truncated: the {what} ends inside its header ({size} bytes)",
                            "the file is incomplete; copy or convert it again") from None
     except (ValueError, struct.error, OverflowError) as exc:
@@ -150,7 +155,8 @@ def read_header(path: str | os.PathLike[str], what: str = "file") -> Header:
     return header
 
 
-def _parse(path: Path, buf: Any, size: int) -> Header:
+def parse_header(path: Path, buf: Any, size: int) -> Header:
+    """Walk a GGUF header in ``buf`` (skipping big arrays); raise TruncatedHeader, ValueError or struct.error."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     r = _Reader(buf)
