@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from chat.errors import AdapterError
+from chat.errors import AdapterError, ChatError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -126,29 +126,29 @@ class _Reader:
         return count
 
 
-def read_header(path: str | os.PathLike[str], what: str = "file") -> Header:
-    """Parse ``path``'s GGUF header; any problem is an AdapterError naming the file."""
+def read_header(path: str | os.PathLike[str], what: str = "file", error: type[ChatError] = AdapterError) -> Header:
+    """Parse ``path``'s GGUF header; any problem is an ``error`` (AdapterError by default) naming the file."""
     p = Path(path)
     try:
         size = p.stat().st_size
         with open(p, "rb") as fh:
             if size < 24 or fh.read(4) != MAGIC:
-                raise AdapterError(f"{p}: not a GGUF {what} (it does not start with the GGUF magic bytes)",
+                raise error(f"{p}: not a GGUF {what} (it does not start with the GGUF magic bytes)",
                                    "convert it with llama.cpp's convert_lora_to_gguf.py (adapters) or cvector-generator (vectors)")
             buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as exc:
-        raise AdapterError(f"{p}: cannot read the {what} ({exc.strerror or exc})", "check the path and its permissions") from None
+        raise error(f"{p}: cannot read the {what} ({exc.strerror or exc})", "check the path and its permissions") from None
     try:
         header = parse_header(p, buf, size)
     except TruncatedHeader:
-        raise AdapterError(f"{p}: truncated: the {what} ends inside its header ({size} bytes)",
+        raise error(f"{p}: truncated: the {what} ends inside its header ({size} bytes)",
                            "the file is incomplete; copy or convert it again") from None
     except (ValueError, struct.error, OverflowError) as exc:
-        raise AdapterError(f"{p}: corrupt GGUF header ({exc})", "convert the file again") from None
+        raise error(f"{p}: corrupt GGUF header ({exc})", "convert the file again") from None
     finally:
         buf.close()
     if header.data_end > size:
-        raise AdapterError(
+        raise error(
             f"{p}: truncated: its tensors need {header.data_end} bytes but the file has {size}",
             "the file is incomplete; copy or convert it again",
         )

@@ -105,9 +105,9 @@ def _base_from_hf_config(config: dict[str, Any], source: str) -> BaseModel:
 
 
 def _base_from_gguf(path: Path) -> BaseModel:
-    from chat.convert.ggufheader import read_gguf_header
+    from chat.gguf_parts import read_header
 
-    header = read_gguf_header(path)
+    header = read_header(path, "base model", error=ModelError)
     meta = header.metadata
     if meta.get("general.type") == "adapter":
         raise AdapterError(f"{path}: this is an adapter, not a base model", hint="pass the base model as --base")
@@ -127,7 +127,7 @@ def _base_from_gguf(path: Path) -> BaseModel:
     except (KeyError, TypeError, ValueError):
         raise ModelError(f"{path}: the header lacks the attention head counts or block count") from None
     adaptable = hf_module_for_gguf(arch, shape.n_layer)
-    shapes = {name: s for name, (s, _t) in header.tensors.items() if name in adaptable}
+    shapes = {name: tuple(reversed(t.shape)) for name, t in header.tensors.items() if name in adaptable}  # numpy order
     return BaseModel(arch, shape, shapes, str(path))
 
 
