@@ -62,6 +62,8 @@ class BackendOptions(BaseModel):
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N, mps")
     dtype: str = Field("auto", description="torch dtype: auto, float32, bfloat16, float16")
     kv_cache_bytes: int = Field(256 * 2**20, ge=0, description="budget for saved persona prefix states (bytes)")
+    template: str | None = Field(None, description="chat template: a well-known name (chat templates) or a Jinja file")
+    template_origin: str = Field("--template", description="who chose `template`, for /info: --template or the config entry")
 
 
 @runtime_checkable
@@ -82,6 +84,10 @@ class Backend(Protocol):
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         """Tokens the rendered prompt for ``messages`` takes (including the generation prompt)."""
+        ...
+
+    def render(self, messages: Sequence[Message]) -> str:
+        """The exact prompt text ``messages`` become (template applied), for ``--show-prompt`` and ``/prompt``."""
         ...
 
     def info(self) -> dict[str, object]:

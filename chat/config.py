@@ -27,6 +27,7 @@ class ModelEntry(BaseModel):
     backend: str | None = None
     context_size: int | None = None
     gpu_layers: int | None = None
+    template: str | None = Field(None, description="chat template: a well-known name or a Jinja file")
 
 
 class ConfigFile(BaseModel):
@@ -37,6 +38,7 @@ class ConfigFile(BaseModel):
     default_model: str | None = None
     default_persona: str | None = None
     history: bool = True
+    markdown: bool = Field(True, description="render answers as Markdown on a terminal (never in a pipe)")
     models: dict[str, str | ModelEntry] = Field(default_factory=dict)
     backend: dict[str, Any] = Field(default_factory=dict)
     sampling: dict[str, Any] = Field(default_factory=dict)

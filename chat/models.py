@@ -34,6 +34,8 @@ def choose_model(spec: str | None, config: ConfigFile, paths: Paths, backend: st
     entry = model_entry(config, spec)
     if entry is not None:
         opts = {k: v for k, v in (("context_size", entry.context_size), ("gpu_layers", entry.gpu_layers)) if v is not None}
+        if entry.template:
+            opts.update(template=entry.template, template_origin=f"config models.{spec}")
         return ModelChoice(spec, str(Path(entry.path).expanduser()), backend or entry.backend, spec, opts)
     path = Path(spec).expanduser()
     if not path.exists() and not _looks_like_id(spec) and not _claimed_by_backend(spec):
@@ -71,7 +73,10 @@ def load_backend(choice: ModelChoice, options: BackendOptions) -> Backend:
                 f"{choice.location}: no installed backend can load this",
                 f"use a .gguf file (llama.cpp) or a Hugging Face model folder; installed backends: {', '.join(sorted(backends))}",
             )
-    merged = options.model_copy(update={k: v for k, v in choice.options.items() if k not in options.model_fields_set})
+    from_config = {k: v for k, v in choice.options.items() if k not in options.model_fields_set}
+    if "template" in options.model_fields_set:
+        from_config.pop("template_origin", None)  # --template given: it is the flag's choice
+    merged = options.model_copy(update=from_config)
     try:
         return cls(choice.location, merged)
     except ModuleNotFoundError as exc:  # the plugin is installed, the library it drives is not
@@ -126,5 +131,6 @@ def pull(repo: str, filename: str, paths: Paths) -> Path:
     except (OSError, ValueError) as exc:  # offline, DNS, refused: huggingface_hub raises these families
         raise ModelError(
             f"{repo}/{filename}: cannot reach the Hugging Face hub ({exc.__class__.__name__})",
-            f"check your network, or copy the .gguf file by hand into {paths.models_dir}",
+            f"check your network; or, with a .gguf file you already have, run `chat -m /path/to/model.gguf` "
+            f"(or copy it into {paths.models_dir})",
         ) from None

@@ -71,6 +71,7 @@ class Persona:
     path: Path | None = None  # the card folder, when there is one
     mix: tuple[tuple[str, float], ...] = ()  # (card name, weight) for a mixed persona
     spec: str = ""  # how to find it again (`chat -c`): names, absolute card paths, weights
+    template: str = ""  # a chat template: a well-known name or an absolute path to a Jinja file ("" = the model's)
 
     @property
     def label(self) -> str:
@@ -150,6 +151,7 @@ class Card(_Strict):
     knowledge: list[KnowledgeEntry] = Field(default_factory=list)
     adapters: list[AdapterEntry] = Field(default_factory=list)
     steering: list[SteeringEntry] = Field(default_factory=list)
+    template: str = ""
     author: str = ""
     version: str = ""
     tags: list[str] = Field(default_factory=list)
@@ -189,7 +191,7 @@ def read_card(folder: Path, source: str = "path") -> LoadedCard:
         raise PersonaError(f"{file}: not UTF-8 text", "save the card as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise PersonaError(f"{file}: invalid TOML: {exc}", "fix the syntax at that line") from None
-    data.setdefault("name", folder.name)
+    data.setdefault("name", folder.resolve().name)
     try:
         card = Card.model_validate(data)
     except ValidationError as exc:
@@ -198,11 +200,76 @@ def read_card(folder: Path, source: str = "path") -> LoadedCard:
     for kind, entries in (("adapters", card.adapters), ("steering", card.steering)):
         for i, entry in enumerate(entries):
             _card_part_path(file, folder, kind, i, entry.path)
+    _card_template(file, folder, card.template)
     return LoadedCard(card, folder.resolve(), source)
 
 
+def _card_template(file: Path, folder: Path, raw: str) -> str:
+    """A card's ``template``: a well-known name as it is, or a Jinja file inside the card folder (made absolute)."""
+    from chat.template import known_templates
+
+    if not raw or raw in known_templates():
+        return raw
+    p = Path(raw).expanduser()
+    resolved = p.resolve() if p.is_absolute() else (folder / p).resolve()
+    if not p.is_absolute() and not resolved.is_relative_to(folder.resolve()):
+        raise PersonaError(f"{file}: template {raw!r} points outside the card folder", "keep the template file inside the card folder")
+    if not resolved.is_file():
+        raise PersonaError(
+            f"{file}: template {raw!r}: neither a known template nor a file",
+            f"known templates: {', '.join(known_templates())}; or a Jinja file relative to the card folder",
+        )
+    return str(resolved)
+
+
+def card_problems(folder: Path, lookup: Callable[[str], LoadedCard]) -> list[PersonaError]:
+    """Every problem in a card, not only the first (``chat personas validate``); [] when it is fine."""
+    folder = Path(folder)
+    if folder.name == CARD_FILE:
+        folder = folder.parent
+    file = folder / CARD_FILE
+    try:
+        loaded = read_card(folder)
+    except PersonaError as first:
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except Exception:  # missing, unreadable or not TOML: the first problem is the only one we can know
+            return [first]
+        data.setdefault("name", folder.resolve().name)
+        problems: list[PersonaError] = []
+        try:
+            card = Card.model_validate(data)
+        except ValidationError as exc:
+            problems += [_card_error_entry(file, err) for err in exc.errors()]
+            card = Card.model_construct(**{k: v for k, v in data.items() if k in Card.model_fields})
+        checks: list[Callable[[], object]] = [lambda: _check_card_sampling(file, card)]
+        for kind in ("adapters", "steering"):
+            for i, entry in enumerate(getattr(card, kind, None) or []):
+                raw = entry.path if hasattr(entry, "path") else entry.get("path") if isinstance(entry, dict) else None
+                if isinstance(raw, str):
+                    checks.append(lambda kind=kind, i=i, raw=raw: _card_part_path(file, folder, kind, i, raw))
+        if isinstance(card.template, str):
+            checks.append(lambda: _card_template(file, folder, card.template))
+        for check in checks:
+            try:
+                check()
+            except PersonaError as exc:
+                problems.append(exc)
+            except Exception:  # a field of the wrong type already reported above
+                pass
+        return problems or [first]
+    try:
+        resolve_card(loaded, lookup)
+    except PersonaError as exc:
+        return [exc]
+    return []
+
+
 def _card_error(file: Path, exc: ValidationError) -> PersonaError:
-    err = exc.errors()[0]
+    return _card_error_entry(file, exc.errors()[0])
+
+
+def _card_error_entry(file: Path, err: Any) -> PersonaError:
     loc = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -294,6 +361,7 @@ def resolve_card(
         ),
         source=loaded.source,
         path=loaded.folder,
+        template=_card_template(loaded.file, loaded.folder, card.template),
     )
     return _inherit(base, own, child_wins=True)
 
@@ -316,6 +384,7 @@ def _inherit(parent: Persona, child: Persona, child_wins: bool = True) -> Person
         steering=by_path(parent.steering, child.steering),
         source=child.source or parent.source,
         path=child.path or parent.path,
+        template=child.template or parent.template,
     )
 
 
@@ -379,6 +448,7 @@ def mix_personas(parts: Sequence[tuple[Persona, float]]) -> Persona:
         source=", ".join(dict.fromkeys(p.source for p, _ in parts)),
         path=first.path,
         mix=mix,
+        template=first.template,
     )
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from prompt_toolkit.completion import Completer, Completion
 
 from chat.errors import ChatError
 from chat.render import Renderer
+from chat.signals import Terminated
 
 BUILTIN_COMMANDS: dict[str, str] = {
     "help": "show this help",
@@ -23,17 +26,25 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "clear": "start a new conversation (same model and persona)",
     "info": "model, persona, sampler settings, context used / size",
     "adapters": "active adapters and control vectors with their effective scales",
-    "save": "/save [FILE.md|FILE.json] — write the conversation to a file (it is always kept in history)",
+    "prompt": "/prompt [TEXT] — show the exact prompt the next turn sends (with TEXT as your message) and its tokens",
+    "stats": "one line of stats after each answer (tokens, tokens/s, first token, cached); /stats again turns it off",
+    "save": "/save [FILE.md|FILE.json|FILE.txt] — write the conversation to a file (it is always kept in history)",
     "exit": "leave (Ctrl-D also works)",
 }
 
 
+RECAP_EXCHANGES = 3  # `chat -c` shows this many last exchanges before the prompt
+RECAP_CHARS = 400
+
+
 class Repl:
-    def __init__(self, session, app) -> None:
+    def __init__(self, session, app, *, verbose: bool = False, markdown: bool = False) -> None:
         self.session = session
         self.app = app
-        self.renderer = Renderer()
+        self.renderer = Renderer(markdown=markdown)
+        self.verbose = verbose
         self.running = True
+        self.exit_code = 0
         from chat.plugins import get_registry
 
         self.plugin_commands: dict[str, tuple[Callable, str, str]] = get_registry().commands
@@ -55,11 +66,16 @@ class Repl:
         greeting = self.session.persona.greeting
         who = self.session.persona.label
         self.renderer.dim(f"chat · {self.session.model_label} · persona {who} · /help for commands, Ctrl-D to quit")
-        if greeting:
+        if self.session.turns:
+            self._recap()
+        elif greeting:
             self.print(greeting)
         while self.running:
+            toolbar = self._toolbar_text()
             try:
-                text = prompt.prompt(self._prompt_text())
+                text = prompt.prompt(self._prompt_text(), bottom_toolbar=lambda: toolbar)
+            except Terminated as exc:
+                return exc.exit_code
             except KeyboardInterrupt:
                 continue  # Ctrl-C at the prompt clears the line
             except EOFError:
@@ -81,29 +97,51 @@ class Repl:
                     raise
                 self.renderer.err_console.print(f"error: {exc.__class__.__name__}: {exc}", style="bold red", markup=False)
             self._flush_notes()
-        return 0
+        return self.exit_code
 
     def _prompt_text(self) -> str:
-        p = self.session.persona
-        return f"{p.label if p.name != 'default' else ''}> "
+        """The input line is the user's: ``you ›`` (the persona and model live in the toolbar)."""
+        return "you › "
+
+    def _toolbar_text(self) -> str:
+        s = self.session
+        try:
+            used = s.context_used()
+        except ChatError:
+            used = 0
+        return f" {s.model_label} · persona {s.persona.label} · context {used}/{s.backend.context_size} tokens "
+
+    def _recap(self) -> None:
+        """``chat -c``: the last few exchanges, so the user sees where the conversation stands."""
+        turns = self.session.turns[-2 * RECAP_EXCHANGES :]
+        earlier = len(self.session.turns) - len(turns)
+        if earlier:
+            self.renderer.dim(f"… {earlier} earlier message(s)")
+        for m in turns:
+            text = m.content if len(m.content) <= RECAP_CHARS else m.content[:RECAP_CHARS] + " …"
+            self.renderer.dim(("you › " if m.role == "user" else "") + text)
 
     def _answer(self, chunks) -> None:
-        try:
-            for chunk in chunks:
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            chunks.close()
-            sys.stdout.write("\n")
-            self.renderer.note("[interrupted — the partial answer is kept]")
-            return
-        finally:
-            chunks.close()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        with _typeahead_not_echoed():
+            try:
+                self.renderer.stream(chunks)
+            except Terminated as exc:
+                chunks.close()
+                self.renderer.note("[stopped by a signal — the partial answer is kept]")
+                self.running = False
+                self.exit_code = exc.exit_code
+                return
+            except KeyboardInterrupt:
+                chunks.close()
+                self.renderer.note("[interrupted — the partial answer is kept]")
+                return
+            finally:
+                chunks.close()
         finish = self.session.last.finish
         if finish.reason == "length":
             self.renderer.note("[stopped: max tokens or context limit reached]")
+        if self.verbose:
+            self.renderer.stats(finish)
 
     def _flush_notes(self) -> None:
         for note in self.session.notes:
@@ -211,9 +249,30 @@ class Repl:
             lines = active()
         self.print("\n".join(lines) if lines else "no adapters or control vectors are active")
 
+    def cmd_prompt(self, arg: str) -> None:
+        rendered, n_tokens = self.session.preview(arg or None)
+        self.print(rendered)
+        self.renderer.dim(f"[{n_tokens} tokens · template {self.session.backend.info().get('template', '?')}]")
+
+    def cmd_stats(self, arg: str) -> None:
+        self.verbose = not self.verbose
+        if self.verbose and self.session.turns:
+            self.renderer.stats(self.session.last.finish)
+        self.renderer.dim(f"stats after each answer: {'on' if self.verbose else 'off'}")
+
     def cmd_save(self, arg: str) -> None:
         s = self.session
         path = Path(arg or f"chat-{s.conversation_id or 'conversation'}.md").expanduser()
+        if not path.parent.is_dir():
+            raise ChatError(f"/save {arg}: the folder {path.parent} does not exist", "create it first, or save elsewhere")
+        try:
+            self._write_conversation(path)
+        except OSError as exc:
+            raise ChatError(f"/save {path}: {exc.strerror or exc}", "choose a file you can write") from None
+        self.renderer.dim(f"saved {path}")
+
+    def _write_conversation(self, path: Path) -> None:
+        s = self.session
         if path.suffix == ".json":
             data = {
                 "model": s.model_label,
@@ -222,13 +281,15 @@ class Repl:
                 "messages": [{"role": m.role, "content": m.content} for m in s.turns],
             }
             path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+        elif path.suffix == ".txt":
+            blocks = [f"{'You' if m.role == 'user' else who or 'Assistant'}: {m.content}" for m, who in zip(s.turns, s.turn_personas)]
+            path.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
         else:
             lines = [f"# Conversation with {s.model_label}", ""]
             for m, who in zip(s.turns, s.turn_personas):
                 head = "You" if m.role == "user" else f"Assistant ({who})"
                 lines += [f"## {head}", "", m.content, ""]
             path.write_text("\n".join(lines), encoding="utf-8")
-        self.renderer.dim(f"saved {path}")
 
     # --- prompt_toolkit -----------------------------------------------------------------
 
@@ -289,3 +350,29 @@ class SlashCompleter(Completer):
         for choice in choices:
             if choice.startswith(word):
                 yield Completion(choice, start_position=-len(word))
+
+
+@contextlib.contextmanager
+def _typeahead_not_echoed() -> Iterator[None]:
+    """While an answer streams, keys the user types are not echoed into it: they wait for the next prompt.
+
+    The terminal is put in cbreak mode without echo (signals still work, so Ctrl-C
+    interrupts); the typed bytes stay queued and prompt_toolkit reads them next.
+    """
+    try:
+        fd = sys.stdin.fileno()
+        if not os.isatty(fd):
+            raise OSError
+        import termios
+
+        saved = termios.tcgetattr(fd)
+    except (OSError, ValueError, AttributeError, ImportError):
+        yield
+        return
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)

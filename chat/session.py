@@ -46,13 +46,14 @@ class Session:
         flag_sampling: Mapping[str, Any] | None = None,
         system: str | None = None,
         conversation_id: str | None = None,
+        paths: Any = None,
     ) -> None:
         self.backend = backend
         self.catalog = catalog
         self.store = store
         self.model_label = model_label or backend.model_name
         self.preset = preset
-        self.preset_values = _preset(preset)
+        self.preset_values = _preset(preset, paths)
         self.config_sampling = dict(config_sampling or {})
         self.flag_sampling = dict(flag_sampling or {})
         self.repl_sampling: dict[str, Any] = {}
@@ -239,6 +240,27 @@ class Session:
         self.turn_personas.clear()
         self.conversation_id = None
 
+    @property
+    def persona_name(self) -> str:
+        """How ``--json`` and history name the persona: the card or mix, ``default`` for none."""
+        return self.persona.label
+
+    def preview(self, text: str | None = None) -> tuple[str, int]:
+        """The exact prompt the model would get next (with ``text`` as the user's message, if given) and its tokens.
+
+        Nothing is generated or saved; the conversation stays as it is.
+        """
+        if text is not None:
+            self.turns.append(Message("user", text))
+        try:
+            fitted = self._fit()
+        finally:
+            if text is not None:
+                self.turns.pop()
+        render = getattr(self.backend, "render", None)
+        rendered = render(fitted.messages) if render else "\n".join(f"{m.role}: {m.content}" for m in fitted.messages)
+        return rendered, fitted.prompt_tokens
+
     def _open(self) -> tuple[Fitted, Iterator[str | Finish]]:
         """Fit the prompt and start the backend's stream (which refuses bad input before generating)."""
         fitted = self._fit()
@@ -340,12 +362,12 @@ def _alternating(turns: list[Message]) -> list[Message]:
     return out
 
 
-def _preset(name: str | None) -> dict[str, Any]:
+def _preset(name: str | None, paths: Any) -> dict[str, Any]:
     if not name:
         return {}
     from chat.presets import load_preset
 
-    return load_preset(name)
+    return load_preset(name, paths)
 
 
 __all__ = ["Session", "Turn", "BUILTIN_PRESETS"]

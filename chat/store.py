@@ -383,13 +383,17 @@ class Store:
             rows = db.execute(_MESSAGE_SELECT + " WHERE conversation_id = ? ORDER BY seq", (full,)).fetchall()
         return [StoredMessage(*row) for row in rows]
 
-    def list_conversations(self, limit: int = 20) -> list[Conversation]:
-        """The most recently updated conversations, newest first."""
+    def list_conversations(self, limit: int | None = 20) -> list[Conversation]:
+        """The most recently updated conversations, newest first (all of them when ``limit`` is None)."""
         with self._read("cannot read the history") as db:
             rows = db.execute(
-                _CONVERSATION_SELECT + " ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?", (limit,)
+                _CONVERSATION_SELECT + " ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?", (-1 if limit is None else limit,)
             ).fetchall()
         return [_conversation(r) for r in rows]
+
+    def count_conversations(self) -> int:
+        with self._read("cannot read the history") as db:
+            return int(db.execute("SELECT count(*) FROM conversations").fetchone()[0])
 
     def search(self, text: str, limit: int = 50, mark: tuple[str, str] = ("", "")) -> list[SearchHit]:
         """Messages containing every word of ``text`` (words match as prefixes), best matches first.

@@ -1,39 +1,141 @@
-"""Chat templates: the GGUF's own Jinja template, or a named fallback.
+"""Chat templates: the model's own Jinja template, a well-known one, or one the user names.
 
 The template in ``tokenizer.chat_template`` is rendered the way Hugging Face
 renders it (sandboxed Jinja, ``trim_blocks``/``lstrip_blocks``, ``raise_exception``,
 ``bos_token``/``eos_token``, ``add_generation_prompt``). A template never runs
-outside the sandbox: it comes from a downloaded file. Files without a template get
-ChatML, and :attr:`ChatTemplate.name` says so. Templates that refuse a system
-message, or silently drop it, get the system text merged into the first user turn.
+outside the sandbox: it comes from a downloaded file. A file without a template gets
+one from the table in ``templates.toml``, chosen by what the file says (its special
+tokens, then its architecture); :func:`choose_template` returns it with the reason,
+which ``/info`` and ``chat models show`` print. Every template carries its family's
+end-of-turn markers (:attr:`ChatTemplate.stops`): backends end the answer on them, so no
+marker is ever printed or saved. Templates that refuse a system message, or silently
+drop it, get the system text merged into the first user turn.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from chat.backend import Message
 from chat.errors import ModelError
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+MAX_TEMPLATE_FILE = 1 << 20  # a --template FILE larger than this is not a chat template
+FALLBACK = "chatml"
 
-# Marker strings → the family a file's template belongs to (only for /info).
-_FAMILIES = (
-    ("<|im_start|>", "chatml"),
-    ("<|start_header_id|>", "llama3"),
-    ("<start_of_turn>", "gemma"),
-    ("[INST]", "mistral/llama2"),
-    ("<|user|>", "zephyr/phi3"),
-    ("<｜User｜>", "deepseek"),
-)
+
+@dataclass(frozen=True)
+class KnownTemplate:
+    """One entry of ``templates.toml``."""
+
+    name: str
+    description: str
+    source: str
+    markers: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
+    stops: tuple[str, ...] = ()
+
+
+@cache
+def known_templates() -> dict[str, KnownTemplate]:
+    """The table of well-known templates shipped with chat, in detection order."""
+    data = tomllib.loads(files("chat").joinpath("templates.toml").read_text(encoding="utf-8"))
+    return {
+        name: KnownTemplate(
+            name,
+            entry.get("description", ""),
+            entry["source"],
+            tuple(entry.get("markers", ())),
+            tuple(entry.get("architectures", ())),
+            tuple(entry.get("stops", ())),
+        )
+        for name, entry in data.items()
+    }
+
+
+def family_of(source: str) -> KnownTemplate | None:
+    """The well-known family a template's text belongs to (by the first marker it uses)."""
+    for known in known_templates().values():
+        if known.markers and known.markers[0] in source:
+            return known
+    return None
+
+
+def detect_template(has_token: Callable[[str], bool], architecture: str) -> tuple[KnownTemplate, str]:
+    """For a model without a template: the family whose markers are all single tokens, else by architecture."""
+    table = known_templates()
+    for known in table.values():
+        if known.markers and all(has_token(m) for m in known.markers):
+            return known, f"chosen from the vocabulary: {' '.join(known.markers)} are tokens"
+    for known in table.values():
+        if architecture in known.architectures:
+            return known, f"chosen from the architecture {architecture!r}"
+    return table[FALLBACK], "the last resort: nothing in the file points to a family"
+
+
+def choose_template(
+    file_source: str | None,
+    *,
+    override: str | None = None,
+    override_from: str = "--template",
+    has_token: Callable[[str], bool] = lambda _: False,
+    architecture: str = "",
+    bos_token: str = "",
+    eos_token: str = "",
+    model: str = "",
+) -> "ChatTemplate":
+    """The template to use and why: the user's choice, else the file's own, else a well-known one.
+
+    ``override`` is a name from the table or a path to a Jinja file (``override_from`` says
+    who asked for it: a flag, the config or a card). ``has_token(text)`` tells whether
+    ``text`` is a single token of the model's vocabulary.
+    """
+    kw: dict[str, Any] = {"bos_token": bos_token, "eos_token": eos_token, "model": model}
+    if override:
+        table = known_templates()
+        if override in table:
+            known = table[override]
+            return ChatTemplate(known.source, name=known.name, reason=f"set by {override_from}", stops=known.stops, **kw)
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise ModelError(
+                f"{override_from} {override!r}: neither a known template nor a file",
+                f"known templates: {', '.join(table)}; or give the path of a Jinja file",
+            )
+        if path.stat().st_size > MAX_TEMPLATE_FILE:
+            raise ModelError(f"{override_from} {override}: larger than {MAX_TEMPLATE_FILE >> 20} MiB", "that is not a chat template")
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{override_from} {override}: cannot read it ({exc})", "give a UTF-8 Jinja file") from None
+        family = family_of(source)
+        template = ChatTemplate(
+            source, name=family.name if family else path.name, reason=f"the file {path}, set by {override_from}",
+            stops=family.stops if family else (), **kw,
+        )
+        if template.compile_error:
+            raise ModelError(f"{override_from} {override}: the template does not compile: {template.compile_error}", "fix the file")
+        return template
+    if file_source:
+        family = family_of(file_source)
+        template = ChatTemplate(
+            file_source, name=family.name if family else "custom", reason="the file's own tokenizer.chat_template",
+            stops=family.stops if family else (), **kw,
+        )
+        if not template.compile_error:
+            return template
+        why = f"the file's template does not compile ({template.compile_error}); "
+    else:
+        why = "the file has no chat template; "
+    known, how = detect_template(has_token, architecture)
+    return ChatTemplate(known.source, name=known.name, reason=why + how, stops=known.stops, **kw)
 
 _PROBE = "\u2063system-probe\u2063"
 
@@ -45,27 +147,38 @@ class TemplateRenderError(Exception):
 class ChatTemplate:
     """Renders a list of messages into the prompt text the model was trained on."""
 
-    def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "", model: str = "") -> None:
+    def __init__(
+        self,
+        source: str,
+        *,
+        name: str = "custom",
+        reason: str = "",
+        stops: Sequence[str] = (),
+        bos_token: str = "",
+        eos_token: str = "",
+        model: str = "",
+    ) -> None:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self._where = model
+        self.name = name  # the family: gemma, llama3, chatml, … or "custom"
+        self.reason = reason  # why this template is the one in use
+        self.stops = tuple(s for s in stops if s)  # end-of-turn markers: they always end an answer
+        self.source = source
         self.merge_system = False
-        self.from_file = False
-        if source:
-            try:
-                self._template = _environment().from_string(source)
-                self.from_file = True
-                family = next((name for marker, name in _FAMILIES if marker in source), "custom")
-                self.name = f"{family} (the file's tokenizer.chat_template)"
-            except Exception as exc:  # a template that does not even compile: fall back, and say so
-                self._template = _environment().from_string(CHATML)
-                self.name = f"chatml (fallback: the file's template does not compile: {_first_line(exc)})"
-        else:
-            self._template = _environment().from_string(CHATML)
-            self.name = "chatml (fallback: the file has no chat template)"
-        self.source = source if self.from_file else CHATML
-        if self.from_file:
-            self.merge_system = not self._keeps_system()
+        self.compile_error = ""
+        try:
+            self._template = _environment().from_string(source)
+        except Exception as exc:  # a template that does not even compile: the caller falls back, and says so
+            self.compile_error = _first_line(exc)
+            self._template = _environment().from_string("")
+            return
+        self.merge_system = not self._keeps_system()
+
+    @property
+    def description(self) -> str:
+        """``gemma (the file has no chat template; chosen from the vocabulary: …)`` for /info."""
+        return f"{self.name} ({self.reason})" if self.reason else self.name
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         msgs = [{"role": m.role, "content": m.content} for m in messages]
@@ -141,3 +254,44 @@ def _environment() -> Any:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+class TemplateSelector:
+    """One loaded model's template choice: made once at load, overridden by a card's ``template`` key.
+
+    ``--template`` beats a card (the user asked for it on this very command line); a card
+    beats the config entry and the file's own. Choices are cached, so switching personas
+    never reads or compiles a template twice.
+    """
+
+    def __init__(
+        self,
+        file_source: str | None,
+        *,
+        override: str | None,
+        override_from: str,
+        has_token: Callable[[str], bool],
+        architecture: str,
+        bos_token: str,
+        eos_token: str,
+        model: str,
+    ) -> None:
+        self._kw: dict[str, Any] = {
+            "has_token": has_token, "architecture": architecture, "bos_token": bos_token,
+            "eos_token": eos_token, "model": model,
+        }
+        self._pinned = bool(override) and override_from == "--template"
+        self.base = choose_template(file_source, override=override, override_from=override_from, **self._kw)
+        self._file_source = file_source
+        self._by_card: dict[tuple[str, str], ChatTemplate] = {}
+
+    def for_card(self, template: str, card: str) -> ChatTemplate:
+        """The template for a persona whose card sets ``template`` ("" = none)."""
+        if not template or self._pinned:
+            return self.base
+        key = (template, card)
+        chosen = self._by_card.get(key)
+        if chosen is None:
+            chosen = choose_template(self._file_source, override=template, override_from=f"card {card}", **self._kw)
+            self._by_card[key] = chosen
+        return chosen

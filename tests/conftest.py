@@ -17,11 +17,61 @@ except ImportError as exc:  # pragma: no cover - only while model_fixtures is mi
         raise
 
 
+PLUGIN_PKG = Path(__file__).parent / "plugin_pkg"
+
+
+def _install_example_plugin_for_this_run(site: Path) -> None:
+    """Make tests/plugin_pkg an installed distribution for this test run only.
+
+    Its entry points are written as dist-info metadata into a temp folder on
+    ``sys.path`` (and ``PYTHONPATH`` for subprocesses); nothing is installed into the
+    user's environment, so the example's persona, command and backend never show up
+    in their ``chat`` after running the tests.
+    """
+    import tomllib
+
+    project = tomllib.loads((PLUGIN_PKG / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n", encoding="utf-8"
+    )
+    lines = ["[chat]"] + [f"{k} = {v}" for k, v in project["entry-points"]["chat"].items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for folder in (str(PLUGIN_PKG), str(site)):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(PLUGIN_PKG), str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    import importlib
+
+    importlib.invalidate_caches()
+
+
+_SITE: list[Path] = []
+
+
+def pytest_configure(config):
+    """Before any test module is imported: the example plugin becomes visible to this run."""
+    import tempfile
+
+    site = Path(tempfile.mkdtemp(prefix="chat-test-site-"))
+    _SITE.append(site)
+    _install_example_plugin_for_this_run(site)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    for site in _SITE:
+        shutil.rmtree(site, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_test_touches_the_real_home(tmp_path_factory):
     """Every test, even one without ``chat_home``, keeps config, history and caches in a temp dir."""
     home = tmp_path_factory.mktemp("home")
     saved = {k: os.environ.get(k) for k in ("CHAT_CONFIG_DIR", "CHAT_DATA_DIR")}
+
     os.environ["CHAT_CONFIG_DIR"] = str(home / "config")
     os.environ["CHAT_DATA_DIR"] = str(home / "data")
     yield

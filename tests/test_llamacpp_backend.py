@@ -399,7 +399,9 @@ def test_plugin_stage_in_the_order_is_a_clear_error(backend):
 
 def test_file_without_a_template_gets_chatml(tiny_gguf_no_template):
     with LlamaCppBackend(str(tiny_gguf_no_template), BackendOptions(threads=2)) as b:
-        assert b.info()["template"].startswith("chatml (fallback")
+        assert b.info()["template"] == (
+            "chatml (the file has no chat template; chosen from the vocabulary: <|im_start|> <|im_end|> are tokens)"
+        )
         assert b.render(HELLO).endswith("<|im_start|>assistant\n")
         assert b.render(HELLO).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
         assert run(b, HELLO, no_eog(b, temperature=0.0, max_tokens=3))[1].reason == "length"
@@ -588,3 +590,40 @@ def test_memory_positions_the_list_does_not_know_are_dropped(tiny_gguf):
     with LlamaCppBackend(str(tiny_gguf), BackendOptions(threads=2)) as fresh:
         run(fresh, turn2, s)
         assert fresh.stats.last.completion_ids == got
+
+
+def with_stops(b: LlamaCppBackend, *stops: str) -> ChatTemplate:
+    t = b.template
+    return ChatTemplate(t.source, name="t", stops=stops, bos_token=t.bos_token, eos_token=t.eos_token)
+
+
+def test_template_override_and_end_of_turn_markers_end_the_answer(tiny_gguf):
+    """A marker that is one token ends the answer as a token; one that is not, as a stop string; neither is shown."""
+    with LlamaCppBackend(str(tiny_gguf), BackendOptions(threads=2, template="gemma")) as b:
+        assert b.info()["template"] == "gemma (set by --template)"
+        assert b.render(HELLO).endswith("<start_of_turn>model\n")
+        greedy = no_eog(b, temperature=0.0, max_tokens=12)
+        text, finish = run(b, HELLO, greedy)
+        ids = list(b.stats.last.completion_ids)
+        assert len(ids) >= 6 and finish.reason == "length"
+        # a later generated token as an end-of-turn marker: it is one token, so generation stops before it
+        text_of = {t: b.piece(t).decode("utf-8", "replace") for t in ids}
+        k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i] and b.tokenize(text_of[ids[i]]) == [ids[i]])
+        marker = text_of[ids[k]]
+        b._use_template(with_stops(b, marker))
+        assert b._stop_ids == {ids[k]}
+        short, finish = run(b, HELLO, greedy)
+        assert finish.reason == "stop" and list(b.stats.last.completion_ids) == ids[:k]
+        # a marker that is not one token (text spanning two tokens) is cut as a stop string
+        pieces = [text_of[t] for t in ids]
+
+        def usable(j: int) -> bool:
+            span = pieces[j] + pieces[j + 1]
+            return span.isascii() and span.isprintable() and span not in "".join(pieces[:j]) + pieces[j][:-1] \
+                and len(b.tokenize(span, special=True)) > 1 and ids[j + 1] not in ids[:j + 1]
+        j = next(j for j in range(1, len(ids) - 1) if usable(j))
+        span = pieces[j] + pieces[j + 1]
+        b._use_template(with_stops(b, span))
+        assert b._stop_ids == frozenset()
+        cut, finish = run(b, HELLO, greedy)
+        assert finish.reason == "stop" and span not in cut and cut == "".join(pieces[:j])

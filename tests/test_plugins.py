@@ -1,4 +1,4 @@
-"""Plugins: a real third-party package (tests/plugin_pkg, installed into the test env) next to the built-ins."""
+"""Plugins: a real third-party package (tests/plugin_pkg, made visible to the test run only by conftest) next to the built-ins."""
 
 from __future__ import annotations
 

@@ -9,23 +9,23 @@ from terminal import spawn  # noqa: F401  (the fixture)
 def test_repl_session_greeting_chat_switch_interrupt_continue_exit(spawn, chat_home):
     child = spawn("-m", "scripted", "-p", "teacher")
     child.expect_exact("Hi! What shall we learn today?")
-    child.expect_exact("teacher>")
+    child.expect_exact("you ›")
     child.sendline("hello")
     child.expect_exact("[teacher] echo: hello")
-    child.expect_exact("teacher>")
+    child.expect_exact("you ›")
 
     child.sendline("/persona pirate")
     child.expect_exact("model not reloaded")
     child.expect_exact("Ahoy, matey!")
     child.sendline("hi again")
     child.expect_exact("[pirate] echo: hi again")
-    child.expect_exact("pirate>")
+    child.expect_exact("you ›")
 
     child.sendline("sing long")
     child.expect_exact("la la la")
     child.sendcontrol("c")
     child.expect_exact("interrupted")
-    child.expect_exact("pirate>")
+    child.expect_exact("you ›")
 
     child.sendline("after")
     child.expect_exact("[pirate] echo: after")
@@ -49,13 +49,13 @@ def test_repl_session_greeting_chat_switch_interrupt_continue_exit(spawn, chat_h
 
 def test_ctrl_c_at_prompt_clears_line_and_ctrl_d_exits(spawn):
     child = spawn("-m", "scripted", "--no-history")
-    child.expect_exact(">")
+    child.expect_exact("you ›")
     child.send("half typed")
     child.sendcontrol("c")
-    child.expect_exact(">")
+    child.expect_exact("you ›")
     child.sendline("fresh")
     child.expect_exact("[default] echo: fresh")
-    child.expect_exact(">")
+    child.expect_exact("you ›")
     child.sendcontrol("d")
     child.expect(pexpect.EOF)
     child.close()
@@ -64,7 +64,7 @@ def test_ctrl_c_at_prompt_clears_line_and_ctrl_d_exits(spawn):
 
 def test_slash_commands_set_info_undo_retry_system(spawn):
     child = spawn("-m", "scripted", "--no-history", "-p", "coder", delay="0")
-    child.expect_exact("coder>")
+    child.expect_exact("you ›")
     child.sendline("/set temperature 0.33")
     child.expect_exact("temperature = 0.33")
     child.sendline("/set top_p 7")
@@ -86,7 +86,7 @@ def test_slash_commands_set_info_undo_retry_system(spawn):
     child.sendline("/nosuch")
     child.expect_exact("unknown command /nosuch")
     child.sendline("/save /nonexistent-dir/x.md")  # an OS error is one line; the session goes on
-    child.expect_exact("error: FileNotFoundError")
+    child.expect_exact("error: /save /nonexistent-dir/x.md: the folder /nonexistent-dir does not exist")
     child.sendline("/help")
     child.expect_exact("/shout")
     child.sendline("/exit")
@@ -95,7 +95,7 @@ def test_slash_commands_set_info_undo_retry_system(spawn):
 
 def test_tab_completes_commands_and_persona_names(spawn):
     child = spawn("-m", "scripted", "--no-history", delay="0")
-    child.expect_exact(">")
+    child.expect_exact("you ›")
     child.send("/pers\t")
     child.expect_exact("/persona")
     child.send(" tea\t")

@@ -133,7 +133,7 @@ def test_pickle_only_checkpoint_is_refused(tiny_hf_dir, tmp_path):
     assert "safetensors" in err.value.hint
 
 
-def test_missing_chat_template_says_how_to_fix(tiny_hf_dir, tmp_path):
+def test_a_folder_without_a_chat_template_gets_one_from_its_vocabulary(tiny_hf_dir, tmp_path):
     folder = tmp_path / "no-template"
     shutil.copytree(tiny_hf_dir, folder)
     cfg_file = folder / "tokenizer_config.json"
@@ -142,9 +142,13 @@ def test_missing_chat_template_says_how_to_fix(tiny_hf_dir, tmp_path):
     cfg_file.write_text(json.dumps(cfg))
     for extra in ("chat_template.jinja", "chat_template.json"):
         (folder / extra).unlink(missing_ok=True)
-    with pytest.raises(ModelError, match="no chat template") as err:
-        TransformersBackend(str(folder), BackendOptions())
-    assert "chat_template" in err.value.hint
+    with TransformersBackend(str(folder), BackendOptions()) as b:
+        assert b.info()["template"].startswith("chatml (the file has no chat template; chosen from the vocabulary")
+        assert b.render([Message("user", "Hi")]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        im_end = b.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        assert im_end in b._stop_ids
+    with TransformersBackend(str(folder), BackendOptions(template="llama3")) as b:
+        assert b.info()["template"] == "llama3 (set by --template)"
 
 
 def test_options_dtype_and_device(tiny_hf_dir):

@@ -21,8 +21,28 @@ class DefaultGroup(TyperGroup):
 
     def parse_args(self, ctx, args):  # type: ignore[override]
         if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            if args:
+                self._refuse_near_miss(args[0])
             args = [DEFAULT_COMMAND, *args]
         return super().parse_args(ctx, args)
+
+    def _refuse_near_miss(self, word: str) -> None:
+        """``chat histroy list`` is a typo, not a prompt: refuse it (``chat -- histroy`` sends it as a prompt)."""
+        import difflib
+
+        if not word.isalpha() or len(word) < 4:
+            return
+        names = [n for n, c in self.commands.items() if not c.hidden]
+        close = difflib.get_close_matches(word.lower(), names, n=1, cutoff=0.75)
+        if close:
+            from chat.cli.common import error_line
+            from chat.errors import UsageError
+
+            error_line(UsageError(
+                f"{word!r} is not a command — did you mean `chat {close[0]}`?",
+                f"to send it as a prompt, write `chat -- {word} …`",
+            ))
+            raise typer.Exit(2)
 
     def format_help(self, ctx, formatter):  # type: ignore[override]
         default = self.commands[DEFAULT_COMMAND]

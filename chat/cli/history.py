@@ -16,17 +16,23 @@ def register(app: typer.Typer) -> None:
 
 
 @history_app.command("list")
-def list_(limit: Annotated[int, typer.Option("-n", "--limit", help="How many.")] = 20) -> None:
-    """The most recent conversations."""
+def list_(
+    limit: Annotated[int, typer.Option("-n", "--limit", min=1, metavar="INT", help="How many, newest first.")] = 20,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="All of them.")] = False,
+) -> None:
+    """The most recent conversations (and how many older ones were left out)."""
     with guard():
         store = AppContext().open_store()
-        rows = store.list_conversations(limit=limit)
+        rows = store.list_conversations(limit=None if all_ else limit)
+        total = store.count_conversations()
+        store.close()
         if not rows:
             echo("no saved conversations")
         for c in rows:
             persona = f" [{c.persona}]" if c.persona and c.persona != "default" else ""
             echo(f"{c.id}  {_local(c.updated_at)}  {c.message_count:>3} msgs{persona}  {c.title}")
-        store.close()
+        if total > len(rows):
+            echo(f"… {total - len(rows)} older conversation(s) not shown (--limit N or --all)", err=True)
 
 
 def _local(stamp: str) -> str:

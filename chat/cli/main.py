@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from chat.cli.common import AppContext, guard, set_debug
 
@@ -12,11 +13,21 @@ HELP = """Chat with a local model, as yourself or as a persona.
 
 With a PROMPT (or text on stdin) it answers once and exits; without one it starts
 the interactive REPL. Use `-` as PROMPT to read the whole prompt from stdin;
-piped text with a PROMPT is passed as context before it."""
+piped text with a PROMPT is passed as context before it. An answer runs until the
+model ends its turn, --max-tokens, or the context is full."""
+
+
+class TalkCommand(TyperCommand):
+    """The default command answers to the name ``chat``: usage lines and errors never name a hidden ``chat talk``."""
+
+    def make_context(self, info_name: Any, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        if parent is not None:
+            extra.setdefault("obj", parent.obj)
+        return super().make_context("chat", args, None, **extra)
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="talk", hidden=True, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})(talk)
+    app.command(name="talk", cls=TalkCommand, hidden=True, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})(talk)
 
 
 def talk(
@@ -25,21 +36,27 @@ def talk(
     persona: Annotated[Optional[str], typer.Option("-p", "--persona", help="Card name, path, or mix like teacher:0.7,pirate:0.3.")] = None,
     system: Annotated[Optional[str], typer.Option("-s", "--system", help="System prompt (replaces the persona's).")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="Sampler preset: greedy, precise, balanced, creative, or yours.")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Most tokens to generate.")] = None,
-    temperature: Annotated[Optional[str], typer.Option("--temperature", "-t", help="0 = greedy (reproducible).")] = None,
-    top_k: Annotated[Optional[str], typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")] = None,
-    top_p: Annotated[Optional[str], typer.Option("--top-p", help="Nucleus sampling (1 = off).")] = None,
-    seed: Annotated[Optional[str], typer.Option("--seed", help="Random seed for reproducible sampling.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", metavar="INT", help="Most tokens to generate (default: until the end of the turn or a full context).")] = None,
+    temperature: Annotated[Optional[str], typer.Option("--temperature", "-t", metavar="FLOAT", help="0 = greedy (reproducible).")] = None,
+    top_k: Annotated[Optional[str], typer.Option("--top-k", metavar="INT", help="Keep the k most likely tokens (0 = off).")] = None,
+    top_p: Annotated[Optional[str], typer.Option("--top-p", metavar="FLOAT", help="Nucleus sampling (1 = off).")] = None,
+    seed: Annotated[Optional[str], typer.Option("--seed", metavar="INT", help="Random seed for reproducible sampling.")] = None,
     option: Annotated[Optional[list[str]], typer.Option("-o", "--option", help="Any sampler setting: -o KEY=VALUE (repeatable; `chat samplers`).")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", metavar="NAME|FILE", help="Chat template: a well-known name (gemma, llama3, chatml, …) or a Jinja file.")] = None,
+    show_prompt: Annotated[bool, typer.Option("--show-prompt", help="Print the exact prompt the model would get, with its token count, and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="After each answer, one line of stats: tokens, tokens/s, time to first token, cached prompt tokens.")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Print answers as plain text (no Markdown rendering) on a terminal too.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Answer yes to questions (e.g. downloading a first model).")] = False,
+    no_input: Annotated[bool, typer.Option("--no-input", help="Never ask a question; fail with a message instead.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, usage and timings.")] = False,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the answer when it is complete.")] = False,
     no_history: Annotated[bool, typer.Option("--no-history", help="Do not save this conversation.")] = False,
     cont: Annotated[bool, typer.Option("-c", "--continue", help="Continue the last conversation.")] = False,
     cid: Annotated[Optional[str], typer.Option("--cid", help="Continue the conversation with this id.")] = None,
     backend: Annotated[Optional[str], typer.Option("--backend", help="Force a backend (see `chat plugins`).")] = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context window in tokens.")] = None,
-    gpu_layers: Annotated[Optional[int], typer.Option("--gpu-layers", help="Layers to offload to the GPU (-1 = all).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads.")] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", metavar="INT", help="Context window in tokens (default: the model's own, at most 8192).")] = None,
+    gpu_layers: Annotated[Optional[int], typer.Option("--gpu-layers", metavar="INT", help="Layers to offload to the GPU (-1 = all).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="INT", help="CPU threads.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="torch device (transformers backend).")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="torch dtype (transformers backend).")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
@@ -69,6 +86,11 @@ def talk(
             flags=flags,
             options=list(option or []),
             as_json=as_json,
+            show_prompt=show_prompt,
+            verbose=verbose,
+            plain=plain,
+            assume_yes=yes,
+            no_input=no_input,
             stream=not no_stream and not as_json,
             history=not no_history,
             cont=cont,
@@ -76,7 +98,10 @@ def talk(
             backend=backend,
             backend_options={
                 k: v
-                for k, v in (("context_size", ctx), ("gpu_layers", gpu_layers), ("threads", threads), ("device", device), ("dtype", dtype))
+                for k, v in (
+                    ("context_size", ctx), ("gpu_layers", gpu_layers), ("threads", threads), ("device", device),
+                    ("dtype", dtype), ("template", template),
+                )
                 if v is not None
             },
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -39,10 +40,41 @@ def list_models() -> None:
             echo("no models found — " + how_to_get_a_model(app.paths))
 
 
+@models_app.command("show")
+def show(
+    model: Annotated[str, typer.Argument(help="GGUF file, model folder, or alias from config.")],
+    template: Annotated[str | None, typer.Option("--template", metavar="NAME|FILE", help="Try this chat template.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="Force a backend.")] = None,
+) -> None:
+    """What a model is and how chat will talk to it: architecture, size, context, chat template and why."""
+    with guard():
+        from chat.backend import BackendOptions
+        from chat.models import choose_model, load_backend
+
+        app = AppContext()
+        choice = choose_model(model, app.config, app.paths, backend)
+        flags = {"context_size": 256} | ({"template": template} if template else {})
+        loaded = load_backend(choice, BackendOptions(**flags))
+        try:
+            info = loaded.info()
+            stops = getattr(getattr(loaded, "template", None), "stops", ())
+        finally:
+            loaded.close()
+        echo(f"model:        {info.get('model', choice.location)}")
+        echo(f"backend:      {info.get('backend', '')}")
+        for key in ("name", "architecture", "description", "parameters", "size_bytes", "n_ctx_train"):
+            if info.get(key) not in (None, ""):
+                echo(f"{key + ':':<13} {info[key]}")
+        echo(f"template:     {info.get('template', '?')}")
+        if stops:
+            echo(f"end of turn:  {' '.join(stops)}")
+
+
 @models_app.command("pull")
 def pull(
     repo: Annotated[str, typer.Argument(help="Hugging Face repo, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF")],
     file: Annotated[str, typer.Argument(help="The .gguf file in that repo")],
+    default: Annotated[bool, typer.Option("--default", help="Make it your default model (in config.toml).")] = False,
 ) -> None:
     """Download a GGUF file into your model dir (with a progress bar)."""
     with guard():
@@ -51,4 +83,11 @@ def pull(
         app = AppContext()
         path = do_pull(repo, file, app.paths)
         echo(f"saved {path}")
-        echo(f"run: chat -m {path}")
+        if default:
+            from chat.firstrun import record_default_model
+
+            alias = Path(file).stem
+            record_default_model(app.paths, alias, path)
+            echo(f"default model: {alias} (in {app.paths.config_file}); run: chat")
+        else:
+            echo(f"run: chat -m {path}")

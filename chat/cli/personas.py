@@ -30,6 +30,7 @@ def list_personas() -> None:
             e = entries[name]
             try:
                 desc = app.catalog.load(name).card.description
+                app.catalog.resolve(name)  # an `extends` cycle or a missing parent shows here too
             except Exception as exc:  # a broken card still shows up, with its problem
                 desc = f"(invalid: {getattr(exc, 'message', exc)})"
             shadow = f" (overrides {', '.join(e.shadows)})" if e.shadows else ""
@@ -102,11 +103,19 @@ def _base_model(app: AppContext, spec: str | None):
 def validate(path: Annotated[Path, typer.Argument(help="A card folder or its persona.toml.")]) -> None:
     """Check a card (and the cards it extends) without loading a model."""
     with guard():
-        from chat.persona import read_card
+        from chat.cli.common import error_line
+        from chat.persona import CARD_FILE, card_problems, read_card
 
         app = AppContext()
+        problems = card_problems(path, app.catalog.load)
+        if problems:
+            for problem in problems:
+                error_line(problem)
+            if len(problems) > 1:
+                file = path if path.name == CARD_FILE else path / CARD_FILE
+                echo(f"{file}: {len(problems)} problems", err=True)
+            raise typer.Exit(problems[0].exit_code)
         loaded = read_card(path)
-        app.catalog.resolve(str(loaded.folder))
         echo(f"ok: {loaded.file} ({loaded.card.name})")
 
 

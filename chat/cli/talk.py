@@ -19,6 +19,11 @@ class Request:
     flags: dict[str, str] = field(default_factory=dict)
     options: list[str] = field(default_factory=list)
     as_json: bool = False
+    show_prompt: bool = False
+    verbose: bool = False
+    plain: bool = False
+    assume_yes: bool = False
+    no_input: bool = False
     stream: bool = True
     history: bool = True
     cont: bool = False
@@ -68,7 +73,33 @@ def build_prompt(request: Request) -> str | None:
 
 
 def run_request(app: AppContext, request: Request) -> int:
+    from chat.signals import stop_signals_interrupt
+
+    with stop_signals_interrupt():
+        return _run_request(app, request)
+
+
+def backend_options(config_backend: dict, flags: dict):
+    """Config ``[backend]`` with the flags on top, validated; a bad value is one line naming the flag."""
+    from pydantic import ValidationError
+
     from chat.backend import BackendOptions
+
+    try:
+        return BackendOptions(**{**config_backend, **flags})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else "?"
+        flag = FLAG_NAMES.get(key, key)
+        where = f"--{flag}" if key in flags else f"config [backend] {key}"
+        raise UsageError(f"{where} {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}", "see `chat --help`") from None
+
+
+FLAG_NAMES = {"context_size": "ctx", "gpu_layers": "gpu-layers", "kv_cache_bytes": "kv_cache_bytes"}
+
+
+def _run_request(app: AppContext, request: Request) -> int:
+    from chat.errors import NoModelError
     from chat.models import choose_model, load_backend
     from chat.persona import NO_PERSONA
     from chat.plugins import get_registry
@@ -78,7 +109,7 @@ def run_request(app: AppContext, request: Request) -> int:
     if request.cont and request.cid:
         raise UsageError("--continue and --cid both given", "use one: -c for the last conversation, --cid ID for a given one")
     get_registry()  # plugin stages must be known before settings are validated
-    prompt = build_prompt(request)
+    prompt = None if request.show_prompt and request.prompt is None and stdin_is_terminal() else build_prompt(request)
 
     flag_sampling: dict[str, str] = dict(request.flags)
     for opt in request.options:
@@ -93,15 +124,30 @@ def run_request(app: AppContext, request: Request) -> int:
         load_preset(request.preset, app.paths)
 
     config = app.config
-    choice = choose_model(request.model, config, app.paths, request.backend)
+    options = backend_options(config.backend, request.backend_options)
+    try:
+        choice = choose_model(request.model, config, app.paths, request.backend)
+    except NoModelError:
+        if request.model:
+            raise
+        from chat.firstrun import offer_default_model
+
+        alias = offer_default_model(
+            app.paths, assume_yes=request.assume_yes, no_input=request.no_input,
+            interactive=stdin_is_terminal() and sys.stderr.isatty(),
+        )
+        app.__dict__.pop("config", None)  # read the config again: it names the new model now
+        config = app.config
+        choice = choose_model(alias, config, app.paths, request.backend)
     store = None
-    if request.history and config.history:
+    if request.history and config.history and not request.show_prompt:
         store = app.open_store()
     cid = request.cid
     conv_persona = None
     if request.cont or cid:
-        if store is None:
+        if store is None and not request.show_prompt:
             raise UsageError("cannot continue a conversation with history off", "drop --no-history")
+        store = store or app.open_store()
         if request.cont:
             cid = store.last_conversation_id()
             if cid is None:
@@ -113,11 +159,7 @@ def run_request(app: AppContext, request: Request) -> int:
     persona_spec = request.persona or conv_persona or config.default_persona
     persona = app.catalog.resolve(persona_spec) if persona_spec and persona_spec != "default" else NO_PERSONA
 
-    try:
-        options = BackendOptions(**{**config.backend, **request.backend_options})
-    except Exception as exc:  # pydantic ValidationError
-        raise UsageError(f"backend option: {exc}", "see `chat --help`") from None
-    if prompt is None:  # the REPL: say what takes the time before the first prompt appears
+    if prompt is None and not request.show_prompt:  # the REPL: say what takes the time before the first prompt appears
         from chat.render import Renderer
 
         Renderer().dim(f"loading {choice.label}…")
@@ -134,35 +176,65 @@ def run_request(app: AppContext, request: Request) -> int:
             flag_sampling=flag_sampling,
             system=request.system,
             conversation_id=cid,
+            paths=app.paths,
         )
+        if request.show_prompt:
+            return show_prompt(session, prompt)
         if prompt is None:
             from chat.repl import Repl
 
-            return Repl(session, app).run()
-        return answer_once(session, prompt, request)
+            return Repl(session, app, verbose=request.verbose, markdown=_markdown(request, config)).run()
+        return answer_once(session, prompt, request, markdown=_markdown(request, config))
     finally:
         backend.close()
         if store is not None:
             store.close()
 
 
-def answer_once(session, prompt: str, request: Request) -> int:
+def _markdown(request: Request, config) -> bool:
+    """Render answers as Markdown: only on a terminal, never with NO_COLOR, --plain or `markdown = false`."""
+    import os
+
+    if request.plain or request.as_json or not request.stream or not config.markdown or os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def show_prompt(session, text: str | None) -> int:
+    """``--show-prompt``: the exact prompt text and its token count, on stdout; nothing is generated or saved."""
+    rendered, n_tokens = session.preview(text)
+    out = sys.stdout
+    out.write(rendered)
+    if not rendered.endswith("\n"):
+        out.write("\n")
+    out.flush()
     from chat.render import Renderer
 
-    renderer = Renderer()
+    Renderer().dim(f"[{n_tokens} tokens · template {session.backend.info().get('template', '?')}]")
+    return 0
+
+
+def answer_once(session, prompt: str, request: Request, markdown: bool = False) -> int:
+    from chat.render import Renderer
+    from chat.signals import exit_code
+
+    renderer = Renderer(markdown=markdown)
     for note in session.notes:
         renderer.note(note)
     session.notes.clear()
     chunks = session.send(prompt)
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None
     try:
         if request.stream:
             renderer.stream(chunks)
         else:
             for _ in chunks:
                 pass
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        interrupted = exc
     finally:
         chunks.close()
     for note in session.notes:
@@ -173,11 +245,12 @@ def answer_once(session, prompt: str, request: Request) -> int:
             {
                 "text": turn.text,
                 "model": session.model_label,
-                "persona": session.persona.label if session.persona.name != "default" else None,
+                "persona": session.persona_name,
                 "finish_reason": turn.finish.reason,
                 "usage": {
                     "prompt_tokens": turn.finish.usage.prompt_tokens,
                     "completion_tokens": turn.finish.usage.completion_tokens,
+                    "cached_tokens": turn.finish.usage.cached_tokens,
                 },
                 "timings": {
                     "ttft_s": round(turn.finish.timings.ttft_s, 6),
@@ -189,8 +262,10 @@ def answer_once(session, prompt: str, request: Request) -> int:
     elif not request.stream:
         renderer.out.write(turn.text + ("" if turn.text.endswith("\n") else "\n"))
         renderer.out.flush()
-    if interrupted:
-        return 130
+    if request.verbose:
+        renderer.stats(turn.finish)
+    if interrupted is not None:
+        return exit_code(interrupted)
     if turn.finish.reason == "error":
         return 1
     return 0

@@ -39,7 +39,7 @@ from chat.errors import ContextOverflowError, ModelError, SamplingError
 from . import native
 from .gguf_file import GGUFHeader, check_model_file
 from .sampler import NativeSampler, build_chain, chain_key
-from chat.template import ChatTemplate
+from chat.template import ChatTemplate, TemplateSelector
 from .statecache import SavedState, StateCache
 from .textstream import TextAssembler
 
@@ -138,7 +138,7 @@ class LlamaCppBackend:
         self._kv: list[int] = []
         self._generation = 0
         self._sampler_key: str | None = None
-        self._prompt_cache: OrderedDict[tuple[Message, ...], list[int]] = OrderedDict()
+        self._prompt_cache: OrderedDict[tuple, list[int]] = OrderedDict()
         self._attached: tuple = NO_PARTS  # parameter parts active in the context
         self._kv_attached: tuple = NO_PARTS  # parameter parts the memory was computed under
         self.persona_name = ""
@@ -195,11 +195,23 @@ class LlamaCppBackend:
         self._eos = int(L.llama_vocab_eos(self._vocab))
         self._add_bos = bool(L.llama_vocab_get_add_bos(self._vocab)) and self._bos >= 0
         self._add_eos = bool(L.llama_vocab_get_add_eos(self._vocab)) and self._eos >= 0
-        self.template = ChatTemplate(
+        self._templates = TemplateSelector(
             self.header.chat_template,
+            override=self.options.template,
+            override_from=self.options.template_origin,
+            has_token=lambda text: len(self.tokenize(text, special=True)) == 1,
+            architecture=self.header.architecture,
             bos_token=self.token_text(self._bos),
             eos_token=self.token_text(self._eos),
             model=where,
+        )
+        self._use_template(self._templates.base)
+
+    def _use_template(self, template: ChatTemplate) -> None:
+        """Render prompts with ``template``; its end-of-turn markers that are single tokens end answers as tokens."""
+        self.template = template
+        self._stop_ids = frozenset(
+            ids[0] for ids in (self.tokenize(m, special=True) for m in template.stops) if len(ids) == 1
         )
 
     # --- tokens ----------------------------------------------------------------------
@@ -245,7 +257,7 @@ class LlamaCppBackend:
 
     def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
         """The rendered prompt as tokens, with BOS/EOS as the file asks (never a doubled BOS)."""
-        key = tuple(messages)
+        key = (self.template, *messages)
         cached = self._prompt_cache.get(key)
         if cached is not None:
             self._prompt_cache.move_to_end(key)
@@ -320,7 +332,9 @@ class LlamaCppBackend:
         """
         self._check_open()
         assert self._parts is not None
+        template = self._templates.for_card(persona.template, persona.name)
         warnings = self._parts.attach(persona)
+        self._use_template(template)
         self.persona_name = persona.label
         self._set_parameter_parts(self._parts.key)
         return warnings
@@ -375,7 +389,8 @@ class LlamaCppBackend:
         if chain.needs_history:
             for tok in prompt:
                 chain.accept(tok)
-        text = TextAssembler(sampling.stop)
+        text = TextAssembler((*sampling.stop, *self.template.stops))
+        stop_ids = self._stop_ids
         out: list[int] = []
         reason: FinishReason = "stop"
         first_chunk = first_token = last_token = 0.0
@@ -385,7 +400,7 @@ class LlamaCppBackend:
                     reason = "interrupted"
                     break
                 tok = chain.sample(self._ctx, -1)  # also accepts tok into the chain
-                if self.is_eog(tok):
+                if tok in stop_ids or self.is_eog(tok):
                     break
                 out.append(tok)
                 last.completion_tokens = len(out)
@@ -559,7 +574,7 @@ class LlamaCppBackend:
             "n_ctx": self.context_size,
             "n_ctx_train": self.n_ctx_train,
             "context_used": len(self._kv),
-            "template": self.template.name,
+            "template": self.template.description,
             "gpu_layers": self.options.gpu_layers,
             "threads": self.n_threads,
             "n_batch": self._n_batch,

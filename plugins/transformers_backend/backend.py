@@ -34,10 +34,7 @@ from chat.stops import StopHolder
 
 from .textstream import Detokenizer
 
-try:
-    from chat.template import ChatTemplate
-except ImportError:  # until the renderer moves into the core
-    from chat_plugins.llamacpp.template import ChatTemplate
+from chat.template import ChatTemplate, TemplateSelector
 
 if TYPE_CHECKING:
     import torch
@@ -142,7 +139,7 @@ class TransformersBackend:
         self.stats = BackendStats()
         self._kv: list[int] = []
         self._generation = 0
-        self._prompt_cache: OrderedDict[tuple[Message, ...], list[int]] = OrderedDict()
+        self._prompt_cache: OrderedDict[tuple, list[int]] = OrderedDict()
         self._attached: tuple = NO_PARTS
         self._kv_attached: tuple = NO_PARTS
         self._loras: Any = None
@@ -173,12 +170,6 @@ class TransformersBackend:
         source = getattr(tok, "chat_template", None)
         if isinstance(source, dict):
             source = source.get("default") or next(iter(source.values()), None)
-        if not source:
-            raise ModelError(
-                f"{where}: the tokenizer has no chat template",
-                "use the chat/instruct version of the model, or add its template as chat_template.jinja "
-                "(or \"chat_template\" in tokenizer_config.json) in the folder",
-            )
         from transformers.utils import logging as hf_logging
 
         bar = hf_logging.is_progress_bar_enabled()
@@ -211,10 +202,26 @@ class TransformersBackend:
         self.n_params = sum(p.numel() for p in hf.parameters())
         self.eos_ids = self._eos_ids(hf, tok)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(hf.forward).parameters
-        self.template = ChatTemplate(source, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "", model=where)
+        self._templates = TemplateSelector(
+            source or None,
+            override=self.options.template,
+            override_from=self.options.template_origin,
+            has_token=lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) == 1,
+            architecture=str(getattr(text_config, "model_type", "") or getattr(config, "model_type", "")),
+            bos_token=tok.bos_token or "",
+            eos_token=tok.eos_token or "",
+            model=where,
+        )
+        self._use_template(self._templates.base)
         from .sampling import tokenizer_context  # torch-heavy: imported once the model loads
 
         self._stage_context = tokenizer_context(tok, self.n_vocab)  # vocabulary for plugin stages and DRY
+
+    def _use_template(self, template: ChatTemplate) -> None:
+        """Render prompts with ``template``; its end-of-turn markers that are single tokens end answers as tokens."""
+        self.template = template
+        ids = (self.tokenizer(m, add_special_tokens=False)["input_ids"] for m in template.stops)
+        self._stop_ids = self.eos_ids | {i[0] for i in ids if len(i) == 1}
 
     @staticmethod
     def _eos_ids(hf: Any, tok: Any) -> frozenset[int]:
@@ -234,7 +241,7 @@ class TransformersBackend:
 
     def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
         """The rendered prompt as token ids. As ``apply_chat_template`` does, no special tokens are added: the template writes them."""
-        key = tuple(messages)
+        key = (self.template, *messages)
         cached = self._prompt_cache.get(key)
         if cached is not None:
             self._prompt_cache.move_to_end(key)
@@ -288,6 +295,7 @@ class TransformersBackend:
             self.stats.adapter_loads += self._loras.loads - loaded_before
         self._loras.activate(adapters)
         warnings += self._steering.activate(vectors)
+        self._use_template(self._templates.for_card(persona.template, persona.name))
         self.persona_name = persona.label
         self._attached = (
             tuple(sorted((str(a.path), round(s, 6)) for a, s in self._loras.active)),
@@ -344,7 +352,8 @@ class TransformersBackend:
         prompt_done = time.perf_counter()
         history = list(prompt)
         detok = Detokenizer(self.tokenizer, prompt)
-        text = StopHolder(sampling.stop)
+        text = StopHolder((*sampling.stop, *self.template.stops))
+        stop_ids = self._stop_ids
         out: list[int] = []
         reason: FinishReason = "stop"
         first_chunk = first_token = last_token = 0.0
@@ -355,7 +364,7 @@ class TransformersBackend:
                     break
                 tok = sampler.sample(logits, history)
                 sampler.accept(tok)
-                if tok in self.eos_ids:
+                if tok in stop_ids:
                     break
                 out.append(tok)
                 history.append(tok)
@@ -526,7 +535,7 @@ class TransformersBackend:
             "n_ctx": self.context_size,
             "n_ctx_train": self.n_ctx_train,
             "context_used": len(self._kv),
-            "template": self.template.name,
+            "template": self.template.description,
             "threads": torch.get_num_threads(),
             "load_s": round(self.load_s, 3),
             "sampler": list(self._sampler_stages),

@@ -36,6 +36,9 @@ class ScriptedBackend:
     def _count(self, text: str) -> int:
         return len(text.split())
 
+    def render(self, messages):
+        return "".join(f"<{m.role}>{m.content}</{m.role}>\n" for m in messages) + "<assistant>"
+
     def count_tokens(self, messages):
         return sum(self._count(m.content) + 4 for m in messages) + 2
 
