@@ -1,7 +1,8 @@
 """The baseline: a bare llama-cpp-python greedy loop (low-level API), no chat layer at all.
 
-Usage: python benchmarks/bare_llamacpp.py MODEL.gguf PROMPT_TOKENS N_GENERATE THREADS [ADAPTER.gguf]
-Prints: decode tokens/s, prompt seconds (one line of JSON).
+Usage: python benchmarks/bare_llamacpp.py MODEL.gguf PROMPT_TOKENS N_GENERATE THREADS [ADAPTER.gguf] [--logit-bias=ID:BIAS,…]
+Prints: decode tokens/s, prompt seconds (one line of JSON). ``--logit-bias`` puts llama.cpp's own
+logit-bias sampler before greedy, as chat does when a run must not end early.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import time
 def main() -> None:
     import llama_cpp as L
 
-    path, n_prompt, n_gen, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    adapter = sys.argv[5] if len(sys.argv) > 5 else None
+    bias = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--logit-bias=")]
+    argv = [a for a in sys.argv if not a.startswith("--logit-bias=")]
+    path, n_prompt, n_gen, threads = argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+    adapter = argv[5] if len(argv) > 5 else None
     quiet = L.llama_log_callback(lambda *a: None)  # keep a reference: ggml calls it later
     L.llama_log_set(quiet, None)
     mparams = L.llama_model_default_params()
@@ -38,6 +41,10 @@ def main() -> None:
         loras = (L.llama_adapter_lora_p_ctypes * 1)(lora)
         L.llama_set_adapters_lora(ctx, loras, 1, (ctypes.c_float * 1)(1.0))
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    if bias:
+        pairs = [p.split(":") for p in bias[0].split(",") if p]
+        arr_b = (L.llama_logit_bias * len(pairs))(*[L.llama_logit_bias(int(t), float(v)) for t, v in pairs])
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(L.llama_vocab_n_tokens(vocab), len(pairs), arr_b))
     L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
 
     prompt = [(7 * i) % 400 + 20 for i in range(n_prompt)]

@@ -16,6 +16,7 @@ from typing import Any
 
 FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})\s*([\w+#.-]*)")
 REFRESH_PER_SECOND = 8
+CODE_PIECE = 4  # complete lines of a code block are highlighted and printed in groups of this many
 
 
 class _Pending:
@@ -26,11 +27,15 @@ class _Pending:
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
         from rich.markdown import Markdown
+        from rich.syntax import Syntax
 
-        text = self.stream.pending
-        if self.stream.fence and not text.rstrip().endswith(self.stream.fence):
-            text += "\n" + self.stream.fence  # show an unfinished code block as code already
-        yield Markdown(text, code_theme="monokai")
+        stream = self.stream
+        text = stream.pending
+        if stream.fence:  # the unfinished lines of a code block: shown as code, highlighted once complete
+            body = text.split("\n", 1)[1] if FENCE.match(text) else text
+            yield Syntax(body, "text", theme="monokai", word_wrap=True, padding=(0 if stream._continues else 1, 1, 0, 1))
+        else:
+            yield Markdown(text, code_theme="monokai")
 
 
 class MarkdownStream:
@@ -95,11 +100,13 @@ class MarkdownStream:
             self._commit(block, continued=self._continues)
 
     def _keep_on_screen(self) -> None:
-        """A live block taller than the screen cannot be redrawn: commit its complete lines now."""
+        """Commit complete lines early: a live block taller than the screen cannot be redrawn, and
+        highlighting a growing code block on every refresh would cost more than decoding it."""
         height = max(self.console.size.height - 2, 4)
         width = max(self.console.size.width, 20)
         lines = sum(len(line) // width + 1 for line in self.pending[: self._scanned].split("\n"))
-        if lines < height or self._scanned == 0:
+        limit = CODE_PIECE + 1 if self.fence else height  # +1: a code block's first line is its fence
+        if lines < limit or self._scanned == 0:
             return
         head, rest = self.pending[: self._scanned], self.pending[self._scanned :]
         if self.fence:

@@ -79,6 +79,14 @@ def run_request(app: AppContext, request: Request) -> int:
         return _run_request(app, request)
 
 
+def _prompt_to_show(request: Request) -> str | None:
+    """``--show-prompt``: the message to show the prompt for; None shows the conversation as it stands."""
+    if request.prompt is not None or stdin_is_terminal():
+        return build_prompt(request) if request.prompt is not None else None
+    piped = read_stdin()
+    return piped if piped.strip() else None
+
+
 def backend_options(config_backend: dict, flags: dict):
     """Config ``[backend]`` with the flags on top, validated; a bad value is one line naming the flag."""
     from pydantic import ValidationError
@@ -99,8 +107,7 @@ FLAG_NAMES = {"context_size": "ctx", "gpu_layers": "gpu-layers", "kv_cache_bytes
 
 
 def _run_request(app: AppContext, request: Request) -> int:
-    from chat.errors import NoModelError
-    from chat.models import choose_model, load_backend
+    from chat.models import load_backend
     from chat.persona import NO_PERSONA
     from chat.plugins import get_registry
     from chat.sampling import resolve_sampling, split_option
@@ -109,7 +116,7 @@ def _run_request(app: AppContext, request: Request) -> int:
     if request.cont and request.cid:
         raise UsageError("--continue and --cid both given", "use one: -c for the last conversation, --cid ID for a given one")
     get_registry()  # plugin stages must be known before settings are validated
-    prompt = None if request.show_prompt and request.prompt is None and stdin_is_terminal() else build_prompt(request)
+    prompt = _prompt_to_show(request) if request.show_prompt else build_prompt(request)
 
     flag_sampling: dict[str, str] = dict(request.flags)
     for opt in request.options:
@@ -125,36 +132,9 @@ def _run_request(app: AppContext, request: Request) -> int:
 
     config = app.config
     options = backend_options(config.backend, request.backend_options)
-    try:
-        choice = choose_model(request.model, config, app.paths, request.backend)
-    except NoModelError:
-        if request.model:
-            raise
-        from chat.firstrun import offer_default_model
-
-        alias = offer_default_model(
-            app.paths, assume_yes=request.assume_yes, no_input=request.no_input,
-            interactive=stdin_is_terminal() and sys.stderr.isatty(),
-        )
-        app.__dict__.pop("config", None)  # read the config again: it names the new model now
-        config = app.config
-        choice = choose_model(alias, config, app.paths, request.backend)
-    store = None
-    if request.history and config.history and not request.show_prompt:
-        store = app.open_store()
-    cid = request.cid
-    conv_persona = None
-    if request.cont or cid:
-        if store is None and not request.show_prompt:
-            raise UsageError("cannot continue a conversation with history off", "drop --no-history")
-        store = store or app.open_store()
-        if request.cont:
-            cid = store.last_conversation_id()
-            if cid is None:
-                raise UsageError("there is no earlier conversation to continue", "start one without -c")
-        conv = store.get_conversation(cid)
-        cid = conv.id
-        conv_persona = conv.persona
+    choice = _model_or_first_run(app, request)
+    config = app.config  # the first run may have written a new default model into it
+    store, cid, conv_persona = _conversation(app, request, config)
 
     persona_spec = request.persona or conv_persona or config.default_persona
     persona = app.catalog.resolve(persona_spec) if persona_spec and persona_spec != "default" else NO_PERSONA
@@ -189,6 +169,44 @@ def _run_request(app: AppContext, request: Request) -> int:
         backend.close()
         if store is not None:
             store.close()
+
+
+def _model_or_first_run(app: AppContext, request: Request):
+    """The model to load; with none given or configured, the first-run offer (chat.firstrun)."""
+    from chat.errors import NoModelError
+    from chat.models import choose_model
+
+    try:
+        return choose_model(request.model, app.config, app.paths, request.backend)
+    except NoModelError:
+        if request.model:
+            raise
+    from chat.firstrun import offer_default_model
+
+    alias = offer_default_model(
+        app.paths, assume_yes=request.assume_yes, no_input=request.no_input,
+        interactive=stdin_is_terminal() and sys.stderr.isatty(),
+    )
+    app.__dict__.pop("config", None)  # read the config again: it names the new model now
+    return choose_model(alias, app.config, app.paths, request.backend)
+
+
+def _conversation(app: AppContext, request: Request, config):
+    """(store or None, conversation id to continue or None, its persona spec or None)."""
+    store = app.open_store() if request.history and config.history and not request.show_prompt else None
+    if not (request.cont or request.cid):
+        return store, None, None
+    if store is None and not request.show_prompt:
+        raise UsageError("cannot continue a conversation with history off", "drop --no-history")
+    store = store or app.open_store()
+    cid = request.cid
+    if request.cont:
+        cid = store.last_conversation_id()
+        if cid is None:
+            store.close()
+            raise UsageError("there is no earlier conversation to continue", "start one without -c")
+    conv = store.get_conversation(cid)
+    return store, conv.id, conv.persona
 
 
 def _markdown(request: Request, config) -> bool:
