@@ -74,7 +74,8 @@ def terminal_run(model: Path, env: dict, n_gen: int, bias: str, plain: bool) -> 
     exe = chat_command()
     args = exe[1:] + ["-m", str(model), "--no-history", "--verbose", "--temperature", "0", "--threads", str(THREADS), "--ctx", "2048",
                       "--max-tokens", str(n_gen), "-o", f"logit_bias={bias}", PROMPT] + (["--plain"] if plain else [])
-    child = pexpect.spawn(exe[0], args, env=env, encoding="utf-8", timeout=600, dimensions=(50, 120))
+    child = pexpect.spawn(exe[0], args, env=env, encoding="utf-8", timeout=600, dimensions=(50, 120),
+                          searchwindowsize=4000)  # search only the tail: the live display rewrites a lot
     child.expect(r"(\d+) tokens · ([\d.]+) tokens/s")
     tokens, rate = int(child.match.group(1)), float(child.match.group(2))
     child.expect(pexpect.EOF)

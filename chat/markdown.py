@@ -19,6 +19,14 @@ REFRESH_PER_SECOND = 8
 CODE_PIECE = 4  # complete lines of a code block are highlighted and printed in groups of this many
 
 
+BLOCK_START = re.compile(r"^(\s*)(\d+)([.)])|^(\s*)([-*+#>=|])")
+
+
+def _inline(text: str) -> str:
+    """The rest of a line cut in two: escape what would make its start a list item, heading or quote."""
+    return BLOCK_START.sub(lambda m: f"{m.group(1)}{m.group(2)}\\{m.group(3)}" if m.group(2) else f"{m.group(4)}\\{m.group(5)}", text, count=1)
+
+
 class _Pending:
     """The live block, parsed only when rich draws it (not on every token)."""
 
@@ -68,7 +76,7 @@ class MarkdownStream:
         """The answer ended (or was interrupted): print what is left, for good."""
         rest, self.pending = self.pending, ""
         if rest.strip():
-            self._commit(rest, continued=self._continues)
+            self._commit(_inline(rest) if self._continues else rest, continued=self._continues)
         self._stop_live()
 
     # --- blocks ---------------------------------------------------------------------
@@ -97,26 +105,35 @@ class MarkdownStream:
             lines = block.rstrip("\n").split("\n")
             self._commit_code("\n".join(lines[1:-1]) + "\n", top=False, bottom=True)
         elif block.strip():
-            self._commit(block, continued=self._continues)
+            self._commit(_inline(block) if self._continues else block, continued=self._continues)
 
     def _keep_on_screen(self) -> None:
-        """Commit complete lines early: a live block taller than the screen cannot be redrawn, and
-        highlighting a growing code block on every refresh would cost more than decoding it."""
+        """Commit early: a live block taller than the screen cannot be redrawn, and highlighting a
+        growing code block on every refresh would cost more than decoding it."""
         height = max(self.console.size.height - 2, 4)
         width = max(self.console.size.width, 20)
-        lines = sum(len(line) // width + 1 for line in self.pending[: self._scanned].split("\n"))
-        limit = CODE_PIECE + 1 if self.fence else height  # +1: a code block's first line is its fence
-        if lines < limit or self._scanned == 0:
-            return
-        head, rest = self.pending[: self._scanned], self.pending[self._scanned :]
-        if self.fence:
+        if self.fence:  # complete lines of code, in pieces of CODE_PIECE (+1: the fence line)
+            lines = self.pending.count("\n", 0, self._scanned)
+            if lines <= CODE_PIECE:
+                return
+            head, rest = self.pending[: self._scanned], self.pending[self._scanned :]
             code = head.split("\n", 1)[1] if FENCE.match(head) else head  # drop the opening fence line
             self._commit_code(code, top=not self._continues, bottom=False)
             self.pending = f"{self.fence}{self._fence_lang}\n" + rest
             self._scanned = len(self.pending) - len(rest)
-        else:
-            self._commit(head, continued=self._continues)
-            self.pending, self._scanned = rest, 0
+            return
+        lines = sum(len(line) // width + 1 for line in self.pending.split("\n"))
+        if lines < height:
+            return
+        if self._scanned:  # commit the complete lines
+            head, self.pending = self.pending[: self._scanned], self.pending[self._scanned :]
+            self._scanned = 0
+        else:  # one line taller than the screen: commit it up to its last space
+            cut = self.pending.rfind(" ", 0, len(self.pending) - 1)
+            if cut <= 0:
+                return
+            head, self.pending = self.pending[:cut], self.pending[cut + 1 :]
+        self._commit(_inline(head) if self._continues else head, continued=self._continues)
         self._continues = True  # the next piece of this block follows without a blank line
 
     # --- output -----------------------------------------------------------------------

@@ -14,7 +14,9 @@ drop it, get the system text merged into the first user turn.
 
 from __future__ import annotations
 
+import contextvars
 import json
+import time
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -144,6 +146,10 @@ class TemplateRenderError(Exception):
     pass
 
 
+class TemplateBoundError(TemplateRenderError):
+    """The template went past a bound (steps, time, size): it is broken or hostile, not merely strict."""
+
+
 class ChatTemplate:
     """Renders a list of messages into the prompt text the model was trained on."""
 
@@ -186,6 +192,11 @@ class ChatTemplate:
             msgs = merge_system_into_first_user(msgs)
         try:
             return self._render(msgs, add_generation_prompt)
+        except TemplateBoundError as exc:
+            raise ModelError(
+                f"{self._where}: the chat template failed: {exc}",
+                "the template is broken or hostile; use a well-known one instead: --template NAME (see README)",
+            ) from None
         except TemplateRenderError as exc:
             if not self.merge_system and msgs and msgs[0]["role"] == "system":
                 try:
@@ -201,15 +212,27 @@ class ChatTemplate:
             ) from None
 
     def _render(self, msgs: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        budget = RenderBudget(max_chars=MAX_RENDER_CHARS + 2 * sum(len(m["content"]) for m in msgs))
+        token = _BUDGET.set(budget)
         try:
-            return self._template.render(
+            out: list[str] = []
+            for piece in self._template.generate(
                 messages=msgs,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
-            )
-        except Exception as exc:  # jinja errors, raise_exception(), sandbox violations
+            ):
+                budget.output(len(piece))
+                out.append(piece)
+            return "".join(out)
+        except RecursionError:
+            raise TemplateBoundError("the template recurses too deeply") from None
+        except MemoryError:
+            raise TemplateBoundError("the template needs too much memory") from None
+        except Exception as exc:  # jinja errors, raise_exception(), sandbox violations, the budget
             raise TemplateRenderError(_first_line(exc)) from None
+        finally:
+            _BUDGET.reset(token)
 
     def _keeps_system(self) -> bool:
         """Whether the template renders a system message (some raise, some drop it silently)."""
@@ -234,9 +257,98 @@ def merge_system_into_first_user(msgs: list[dict[str, str]]) -> list[dict[str, s
     return [{"role": "user", "content": text}] + rest
 
 
+MAX_RENDER_CHARS = 4 << 20  # output beyond the messages' own size (twice over) that a template may write
+MAX_RENDER_STEPS = 1_000_000  # loop iterations, calls and operations in one render
+MAX_RENDER_S = 2.0  # seconds one render may take
+MAX_SIZE = 1 << 20  # the largest number, string or sequence an operation inside a template may produce
+
+
+class RenderBudget:
+    """What one render may spend: steps, seconds and output characters. A template is a stranger's code."""
+
+    def __init__(self, max_chars: int) -> None:
+        self.max_chars = max_chars
+        self.chars = 0
+        self.steps = 0
+        self.deadline = time.monotonic() + MAX_RENDER_S
+
+    def step(self, n: int = 1) -> None:
+        self.steps += n
+        if self.steps > MAX_RENDER_STEPS:
+            raise TemplateBoundError(f"the template takes more than {MAX_RENDER_STEPS:,} steps")
+        if not self.steps & 1023 and time.monotonic() > self.deadline:
+            raise TemplateBoundError(f"the template takes longer than {MAX_RENDER_S:g} s to render")
+
+    def output(self, n: int) -> None:
+        self.chars += n
+        if self.chars > self.max_chars:
+            raise TemplateBoundError(f"the template writes more than {self.max_chars:,} characters")
+        self.step()
+
+
+_BUDGET: contextvars.ContextVar[RenderBudget] = contextvars.ContextVar("template_budget")
+
+
+def _spend(n: int = 1) -> None:
+    budget = _BUDGET.get(None)
+    if budget is not None:
+        budget.step(n)
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, (str, bytes, list, tuple, dict)):
+        return len(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value.bit_length() // 8
+    return 0
+
+
 def _environment() -> Any:
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """The sandbox, plus bounds: every call, attribute and operation costs a step; none may build a huge value."""
+
+        intercepted_binops = frozenset(["*", "**", "+", "//", "%"])
+        intercepted_unops = frozenset()
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _spend()
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 1:
+                if max(left.bit_length(), 1) * right > 8 * MAX_SIZE:
+                    raise TemplateBoundError(f"the template raises a number to the power {right}")
+            if operator == "*" and isinstance(right, int) and isinstance(left, int):
+                if left.bit_length() + right.bit_length() > 8 * MAX_SIZE:
+                    raise TemplateBoundError("the template builds a huge number")
+            elif operator == "*" and (_size(left) * (right if isinstance(right, int) else 1) > MAX_SIZE
+                                      or _size(right) * (left if isinstance(left, int) else 1) > MAX_SIZE):
+                raise TemplateBoundError("the template builds a huge value")
+            if operator == "+" and _size(left) + _size(right) > MAX_SIZE:
+                raise TemplateBoundError("the template builds a huge value")
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            _spend()
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:
+                    raise TemplateBoundError(f"the template calls a function with {value}")
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def getattr(self, obj: Any, attribute: str) -> Any:
+            _spend()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj: Any, argument: Any) -> Any:
+            _spend()
+            return super().getitem(obj, argument)
+
+    def bounded_range(*args: int) -> Any:
+        if len(range(*args)) > MAX_SIZE:
+            raise TemplateBoundError(f"range{args} is too long for a template")
+        for i in range(*args):
+            _spend()
+            yield i
 
     def raise_exception(message: str) -> None:
         raise TemplateRenderError(message)
@@ -244,7 +356,8 @@ def _environment() -> Any:
     def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
         return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["range"] = bounded_range
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.filters["tojson"] = tojson

@@ -87,6 +87,23 @@ def test_markdown_stream_prints_every_block_once_and_keeps_code_blocks():
     assert "```" not in shown
 
 
+def test_markdown_stream_commits_a_line_taller_than_the_screen_without_turning_it_into_a_list():
+    import io
+
+    from rich.console import Console
+
+    from chat.markdown import MarkdownStream
+
+    out = io.StringIO()
+    md = MarkdownStream(Console(file=out, width=40, height=8, force_terminal=False, color_system=None))
+    text = "Count: " + " ".join(f"{i}." for i in range(1, 300)) + "\n\nDone."
+    for i in range(0, len(text), 3):
+        md.feed(text[i:i + 3])
+    md.close()
+    numbers = [w for w in out.getvalue().split() if w.rstrip(".").isdigit()]
+    assert numbers == [f"{i}." for i in range(1, 300)]  # every number once, in order, none eaten as a list marker
+
+
 # --- 5. first run ------------------------------------------------------------------------------
 
 
