@@ -13,6 +13,15 @@ import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
 
+from chat.escapes import json_safe, make_visible
+
+
+def is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
 
 def make_console(stderr: bool = False):
     from rich.console import Console
@@ -34,16 +43,17 @@ class Renderer:
             md = MarkdownStream(make_console())
             try:
                 for chunk in chunks:
-                    md.feed(chunk)
+                    md.feed(make_visible(chunk))
             finally:
                 md.close()
             return md.text
         parts = []
         wrote_newline = True
+        shown = make_visible if is_terminal(self.out) else str  # a pipe gets the model's exact words
         try:
             for chunk in chunks:
                 parts.append(chunk)
-                self.out.write(chunk)
+                self.out.write(shown(chunk))
                 self.out.flush()
                 wrote_newline = chunk.endswith("\n")
         finally:
@@ -57,13 +67,13 @@ class Renderer:
         self.dim(stats_line(finish))
 
     def note(self, text: str) -> None:
-        self.err_console.print(text, style="yellow", markup=False)
+        self.err_console.print(make_visible(text), style="yellow", markup=False)
 
     def dim(self, text: str) -> None:
-        self.err_console.print(text, style="dim", markup=False)
+        self.err_console.print(make_visible(text), style="dim", markup=False)
 
     def json(self, payload: dict[str, Any]) -> None:
-        self.out.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        self.out.write(json_safe(json.dumps(payload, ensure_ascii=False)) + "\n")
         self.out.flush()
 
 

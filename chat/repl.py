@@ -13,6 +13,7 @@ from typing import Any
 from prompt_toolkit.completion import Completer, Completion
 
 from chat.errors import ChatError
+from chat.escapes import make_visible
 from chat.render import Renderer
 from chat.signals import Terminated
 
@@ -52,7 +53,7 @@ class Repl:
     # --- output helpers available to plugin commands ----------------------------------
 
     def print(self, text: str = "") -> None:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(make_visible(text) + "\n")
         sys.stdout.flush()
 
     def note(self, text: str) -> None:
@@ -89,13 +90,14 @@ class Repl:
                 else:
                     self._answer(self.session.send(text))
             except ChatError as exc:
-                self.renderer.err_console.print(f"error: {exc}", style="bold red", markup=False)
+                self.renderer.err_console.print(make_visible(f"error: {exc}"), style="bold red", markup=False)
             except Exception as exc:  # a plugin command or a file write: report it, keep the session
                 from chat.cli.common import debugging
 
                 if debugging():
                     raise
-                self.renderer.err_console.print(f"error: {exc.__class__.__name__}: {exc}", style="bold red", markup=False)
+                text = make_visible(f"error: {exc.__class__.__name__}: {exc}")
+                self.renderer.err_console.print(text, style="bold red", markup=False)
             self._flush_notes()
         return self.exit_code
 
@@ -109,7 +111,7 @@ class Repl:
             used = s.context_used()
         except ChatError:
             used = 0
-        return f" {s.model_label} · persona {s.persona.label} · context {used}/{s.backend.context_size} tokens "
+        return make_visible(f" {s.model_label} · persona {s.persona.label} · context {used}/{s.backend.context_size} tokens ")
 
     def _recap(self) -> None:
         """``chat -c``: the last few exchanges, so the user sees where the conversation stands."""
@@ -304,10 +306,25 @@ class Repl:
         def _newline(event: Any) -> None:
             event.current_buffer.insert_text("\n")
 
+        class KeptWhenPossible(FileHistory):
+            """Input history in a file; a file it cannot read or write (read-only data dir) leaves it in memory."""
+
+            def load_history_strings(self) -> Any:
+                try:
+                    yield from super().load_history_strings()
+                except OSError:
+                    return
+
+            def store_string(self, string: str) -> None:
+                try:
+                    super().store_string(string)
+                except OSError:
+                    pass
+
         history_file = self.app.paths.input_history
         try:
             history_file.parent.mkdir(parents=True, exist_ok=True)
-            history = FileHistory(str(history_file))
+            history = KeptWhenPossible(str(history_file))
         except OSError:
             history = InMemoryHistory()
         return PromptSession(

@@ -170,11 +170,20 @@ def _title(text: str) -> str:
 class Store:
     """Saved conversations in one SQLite file; safe to share between processes and threads."""
 
-    def __init__(self, path: Path) -> None:
-        """Open (or create, with its parent folders) the history database at ``path``."""
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        """Open (or create, with its parent folders) the history database at ``path``.
+
+        ``readonly``: only read (``chat history list/show/search/export``): nothing is created or
+        migrated, and a data dir the user cannot write to is fine. A missing database reads as empty.
+        """
         self.path = Path(path)
+        self.readonly = readonly
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
+        self.has_fts = False
+        if readonly:
+            self._open_readonly()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -199,6 +208,32 @@ class Store:
             db.close()
             self._db = None
             raise
+
+    def _open_readonly(self) -> None:
+        """Read without writing anything: ``mode=ro``, or ``immutable=1`` where a read-only folder
+        keeps SQLite from creating the WAL index (no writer can be running there anyway)."""
+        from urllib.parse import quote
+
+        if not self.path.is_file():
+            self._db = _empty_history()  # no history yet: every read finds nothing
+            return
+        uri = "file:" + quote(str(self.path.resolve()))
+        for extra in ("?mode=ro", "?mode=ro&immutable=1"):
+            try:
+                db = sqlite3.connect(uri + extra, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                     check_same_thread=False)
+                (version,) = db.execute("PRAGMA user_version").fetchone()
+            except sqlite3.Error as exc:
+                last = exc
+                continue
+            if version != SCHEMA_VERSION:
+                db.close()
+                raise StoreError(f"{self.path}: schema {version}, this chat reads {SCHEMA_VERSION}",
+                                 "run chat once with write access to upgrade it, or " + _HINT)
+            self._db = db
+            self.has_fts = self._has_table("messages_fts")
+            return
+        raise self._error(last, "cannot open for reading")
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -524,6 +559,14 @@ class Store:
 
     def _unknown(self, cid: str) -> StoreError:
         return StoreError(f"there is no saved conversation {cid!r}", _FIND_IDS)
+
+
+def _empty_history() -> sqlite3.Connection:
+    """An in-memory database with the schema: what reading a history that does not exist yet finds."""
+    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    for step in range(1, SCHEMA_VERSION + 1):
+        MIGRATIONS[step](db)
+    return db
 
 
 def _rollback(db: sqlite3.Connection) -> None:

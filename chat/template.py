@@ -225,6 +225,8 @@ class ChatTemplate:
                 budget.output(len(piece))
                 out.append(piece)
             return "".join(out)
+        except TemplateRenderError:
+            raise  # raise_exception() in the template, or a bound it went past
         except RecursionError:
             raise TemplateBoundError("the template recurses too deeply") from None
         except MemoryError:

@@ -80,8 +80,34 @@ def _register() -> None:
 _register()
 
 
+def _refuse_undecodable_arguments() -> None:
+    """Bytes that are not UTF-8 in argv (Python keeps them as lone surrogates) are one clear line, exit 2."""
+    for i, arg in enumerate(sys.argv[1:], 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            from chat.cli.common import error_line
+            from chat.errors import UsageError
+
+            bad = arg.encode("utf-8", "surrogateescape")[exc.start : exc.start + 1]
+            error_line(UsageError(f"argument {i} is not UTF-8 text (byte {bad!r} at {exc.start})",
+                                  "pass arguments in UTF-8; convert files with iconv"))
+            sys.exit(2)
+
+
+def _quiet_library_warnings() -> None:
+    """numpy's and the model libraries' Python warnings are for developers: not on the user's stderr."""
+    import os
+    import warnings
+
+    if not os.environ.get("CHAT_DEBUG") and "--debug" not in sys.argv:
+        warnings.simplefilter("ignore")
+
+
 def run() -> None:
     """Console-script entry point."""
+    _refuse_undecodable_arguments()
+    _quiet_library_warnings()
     try:
         app()
     except KeyboardInterrupt:

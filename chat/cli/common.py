@@ -39,10 +39,13 @@ def guard() -> Iterator[None]:
 def error_line(exc: ChatError) -> None:
     from chat.render import make_console
 
+    from chat.escapes import make_visible
+
     console = make_console(stderr=True)
     text = f"error: {exc.message}"
     if exc.hint:
         text += f" — {exc.hint}"
+    text = make_visible(text).replace("\n", " ")  # one line, and nothing from a file acts on the terminal
     console.print(text, style="bold red", markup=False, highlight=False, soft_wrap=True)
 
 
@@ -67,13 +70,17 @@ class AppContext:
 
         return PersonaCatalog(self.paths.personas_dir)
 
-    def open_store(self):
+    def open_store(self, readonly: bool = False):
         from chat.store import Store
 
-        return Store(self.paths.history_db)
+        return Store(self.paths.history_db, readonly=readonly)
 
 
 def echo(text: str = "", err: bool = False) -> None:
+    """Print a line; on a terminal, control characters from cards, files and history are made visible."""
+    from chat.escapes import make_visible
+    from chat.render import is_terminal
+
     stream = sys.stderr if err else sys.stdout
-    stream.write(text + "\n")
+    stream.write((make_visible(text) if is_terminal(stream) else text) + "\n")
     stream.flush()

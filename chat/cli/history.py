@@ -22,7 +22,7 @@ def list_(
 ) -> None:
     """The most recent conversations (and how many older ones were left out)."""
     with guard():
-        store = AppContext().open_store()
+        store = AppContext().open_store(readonly=True)
         rows = store.list_conversations(limit=None if all_ else limit)
         total = store.count_conversations()
         store.close()
@@ -49,7 +49,7 @@ def _local(stamp: str) -> str:
 def show(cid: Annotated[str, typer.Argument(help="Conversation id (a unique prefix is enough).")]) -> None:
     """Print one conversation."""
     with guard():
-        store = AppContext().open_store()
+        store = AppContext().open_store(readonly=True)
         echo(store.export(cid, "md"))
         store.close()
 
@@ -58,7 +58,7 @@ def show(cid: Annotated[str, typer.Argument(help="Conversation id (a unique pref
 def search(text: Annotated[str, typer.Argument(help="Words to find.")]) -> None:
     """Find messages containing TEXT."""
     with guard():
-        store = AppContext().open_store()
+        store = AppContext().open_store(readonly=True)
         hits = store.search(text)
         if not hits:
             echo(f"no messages match {text!r}")
@@ -89,6 +89,6 @@ def export(
 
         if fmt not in ("json", "md"):
             raise UsageError(f"--format {fmt!r}: unknown format", "use json or md")
-        store = AppContext().open_store()
+        store = AppContext().open_store(readonly=True)
         echo(store.export(cid, fmt))
         store.close()

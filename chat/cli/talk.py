@@ -223,9 +223,12 @@ def _markdown(request: Request, config) -> bool:
 
 def show_prompt(session, text: str | None) -> int:
     """``--show-prompt``: the exact prompt text and its token count, on stdout; nothing is generated or saved."""
+    from chat.escapes import make_visible
+    from chat.render import is_terminal
+
     rendered, n_tokens = session.preview(text)
     out = sys.stdout
-    out.write(rendered)
+    out.write(make_visible(rendered) if is_terminal(out) else rendered)
     if not rendered.endswith("\n"):
         out.write("\n")
     out.flush()
@@ -278,7 +281,11 @@ def answer_once(session, prompt: str, request: Request, markdown: bool = False) 
             }
         )
     elif not request.stream:
-        renderer.out.write(turn.text + ("" if turn.text.endswith("\n") else "\n"))
+        from chat.escapes import make_visible
+        from chat.render import is_terminal
+
+        text = make_visible(turn.text) if is_terminal(renderer.out) else turn.text
+        renderer.out.write(text + ("" if text.endswith("\n") else "\n"))
         renderer.out.flush()
     if request.verbose:
         renderer.stats(turn.finish)

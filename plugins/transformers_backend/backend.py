@@ -173,7 +173,9 @@ class TransformersBackend:
         from transformers.utils import logging as hf_logging
 
         bar = hf_logging.is_progress_bar_enabled()
+        verbosity = hf_logging.get_verbosity()
         hf_logging.disable_progress_bar()  # the terminal belongs to the chat, not to a "Loading weights" bar
+        hf_logging.set_verbosity_error()  # nor to a "LOAD REPORT" table written with ANSI codes even into a pipe
         try:
             hf = AutoModelForCausalLM.from_pretrained(
                 where,
@@ -186,6 +188,7 @@ class TransformersBackend:
         except Exception as exc:
             raise ModelError(f"{where}: transformers could not load the model: {_first_line(exc)}", _remote_code_hint(exc)) from None
         finally:
+            hf_logging.set_verbosity(verbosity)
             if bar:
                 hf_logging.enable_progress_bar()
         hf.to(self.device)
