@@ -58,7 +58,8 @@ class BackendOptions(BaseModel):
 
     context_size: int | None = Field(None, ge=64, description="context window in tokens; unset = the model's own (capped at 8192)")
     gpu_layers: int = Field(0, ge=-1, description="layers to offload to the GPU; -1 = all")
-    threads: int | None = Field(None, ge=1, description="CPU threads; unset = the library's choice")
+    # ggml refuses more than GGML_MAX_N_THREADS (512) threads by aborting the process; more never helps anyway.
+    threads: int | None = Field(None, ge=1, le=512, description="CPU threads (1-512); unset = the library's choice")
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N, mps")
     dtype: str = Field("auto", description="torch dtype: auto, float32, bfloat16, float16")
     kv_cache_bytes: int = Field(256 * 2**20, ge=0, description="budget for saved persona prefix states (bytes)")

@@ -5,7 +5,9 @@ Some malformed adapter files abort the whole process inside ggml (an
 with a reason only its log shows. Everything here reads the GGUF *header* with
 ``struct`` over an ``mmap`` (arrays such as a 150k-token vocabulary are skipped,
 not built), so a part can be described and checked in milliseconds, before any
-backend sees it, and without importing llama_cpp or torch.
+backend sees it, and without importing llama_cpp or torch. The numbers of a part are
+checked too (NaN and infinities give empty answers, not errors), through the same mmap,
+and only regular files are ever opened: a named pipe given as a path would block forever.
 
 Shapes are kept in GGUF order (``ne``: the fastest-varying dimension first), which
 is the reverse of numpy's: a numpy ``(out, in)`` weight is ``(in, out)`` here, a
@@ -14,12 +16,17 @@ LoRA ``A`` of numpy shape ``(r, in)`` is ``(in, r)`` and ``B`` ``(out, r)`` is `
 
 from __future__ import annotations
 
+import contextlib
+import math
 import mmap
 import os
+import re
+import stat
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -36,6 +43,88 @@ _STRING, _ARRAY, _FLOAT32 = 8, 9, 6
 GGML_F32, GGML_F16 = 0, 1
 
 LORA_SUFFIXES = (".lora_a", ".lora_b")
+
+#: ggml types llama.cpp's CPU backend can multiply: those with a ``vec_dot`` in ggml-cpu's type traits
+#: (F32 0, F16 1, BF16 30, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q2_K…Q6_K 10-14, the IQ types 16-23 and 29,
+#: TQ1_0 34, TQ2_0 35, MXFP4 39, NVFP4 40, Q1_0 41). The others — I8, I16, I32, I64, F64 and the
+#: activation-only Q8_1/Q8_K — have none: a LoRA or projection weight of such a type is accepted at load and
+#: kills the process at the first matmul (SIGSEGV or abort; measured for every type on llama-cpp-python 0.3.36).
+MATMUL_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23,
+                          29, 30, 34, 35, 39, 40, 41})
+
+#: A layer number in a tensor name: ASCII digits only ("²".isdigit() is True but int("²") fails).
+LAYER_NUMBER = re.compile(r"[0-9]+")
+
+
+def type_name(ggml_type: int) -> str:
+    """``F32``, ``Q8_0``, ``I32`` … for messages."""
+    from gguf.constants import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"type {ggml_type}"
+
+
+# --- opening files from strangers ----------------------------------------------------------------
+
+_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _kind(mode: int) -> str:
+    return next((what for test, what in _NOT_REGULAR if test(mode)), "not a regular file")
+
+
+def open_regular(path: str | os.PathLike[str], what: str = "file", error: type[ChatError] = AdapterError) -> IO[bytes]:
+    """Open ``path`` for reading if it is a regular file; anything else is an ``error``, never a wait.
+
+    Opening a named pipe blocks until someone writes to it, and a device may never end: a
+    path given as a model, adapter or vector would hang the program. The path is checked
+    before opening (nothing else is touched) and the open file again (a swap in between
+    cannot slip through); ``O_NONBLOCK`` makes even that open return at once.
+    """
+    p = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        if not stat.S_ISREG(mode := os.stat(p).st_mode):
+            raise _not_regular(p, mode, what, error)
+        fd = os.open(p, flags)
+    except OSError as exc:
+        raise error(f"{p}: cannot read the {what} ({exc.strerror or exc})",
+                    "check the path and its permissions") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(p, mode, what, error)
+    return os.fdopen(fd, "rb")
+
+
+def _not_regular(p: Path, mode: int, what: str, error: type[ChatError]) -> ChatError:
+    return error(f"{p}: the {what} is {_kind(mode)}, not a regular file",
+                 "point to a regular file (reading a pipe or a device could wait forever)")
+
+
+@contextlib.contextmanager
+def mapped(
+    path: str | os.PathLike[str], what: str = "file", error: type[ChatError] = AdapterError
+) -> Iterator[tuple[Any, int]]:
+    """The regular file ``path`` memory-mapped read-only (``b""`` when empty) and its size.
+
+    Data is read through the map, so checking an adapter's numbers never copies it whole.
+    """
+    with open_regular(path, what, error) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            buf: Any = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        except (OSError, ValueError) as exc:
+            raise error(f"{path}: cannot read the {what} ({exc})", "check the path and its permissions") from None
+    try:
+        yield buf, size
+    finally:
+        if isinstance(buf, mmap.mmap):
+            with contextlib.suppress(BufferError):  # an array still viewing it: the map closes with it
+                buf.close()
 
 
 # --- the header ------------------------------------------------------------------------------
@@ -129,30 +218,58 @@ class _Reader:
 def read_header(path: str | os.PathLike[str], what: str = "file", error: type[ChatError] = AdapterError) -> Header:
     """Parse ``path``'s GGUF header; any problem is an ``error`` (AdapterError by default) naming the file."""
     p = Path(path)
-    try:
-        size = p.stat().st_size
-        with open(p, "rb") as fh:
-            if size < 24 or fh.read(4) != MAGIC:
-                raise error(f"{p}: not a GGUF {what} (it does not start with the GGUF magic bytes)",
-                                   "convert it with llama.cpp's convert_lora_to_gguf.py (adapters) or cvector-generator (vectors)")
-            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    except OSError as exc:
-        raise error(f"{p}: cannot read the {what} ({exc.strerror or exc})", "check the path and its permissions") from None
-    try:
-        header = parse_header(p, buf, size)
-    except TruncatedHeader:
-        raise error(f"{p}: truncated: the {what} ends inside its header ({size} bytes)",
-                           "the file is incomplete; copy or convert it again") from None
-    except (ValueError, struct.error, OverflowError) as exc:
-        raise error(f"{p}: corrupt GGUF header ({exc})", "convert the file again") from None
-    finally:
-        buf.close()
+    with mapped(p, what, error) as (buf, size):
+        if size < 24 or bytes(buf[:4]) != MAGIC:
+            raise error(f"{p}: not a GGUF {what} (it does not start with the GGUF magic bytes)",
+                        "convert it with llama.cpp's convert_lora_to_gguf.py (adapters) or cvector-generator (vectors)")
+        try:
+            header = parse_header(p, buf, size)
+        except TruncatedHeader:
+            raise error(f"{p}: truncated: the {what} ends inside its header ({size} bytes)",
+                        "the file is incomplete; copy or convert it again") from None
+        except (ValueError, struct.error, OverflowError) as exc:
+            raise error(f"{p}: corrupt GGUF header ({exc})", "convert the file again") from None
     if header.data_end > size:
         raise error(
             f"{p}: truncated: its tensors need {header.data_end} bytes but the file has {size}",
             "the file is incomplete; copy or convert it again",
         )
     return header
+
+
+def first_non_finite(header: Header) -> str | None:
+    """The first tensor holding a NaN or an infinity, read through an mmap (adapters and vectors are small).
+
+    A NaN weight or direction is not an error llama.cpp reports: every logit becomes NaN
+    and the answer is empty. Types numpy cannot decode (none llama.cpp writes for
+    adapters or vectors) are skipped.
+    """
+    with mapped(header.path, "file") as (buf, _):
+        for t in header.tensors.values():
+            raw = np.frombuffer(buf, dtype=np.uint8, count=t.n_bytes, offset=header.data_start + t.offset)
+            bad = _has_non_finite(raw, t.ggml_type)
+            del raw  # no view may outlive the map
+            if bad:
+                return t.name
+    return None
+
+
+def _has_non_finite(raw: np.ndarray, ggml_type: int) -> bool:
+    """min/max propagate NaN and show ±Inf without a temporary as large as the tensor."""
+    if raw.size == 0:
+        return False
+    with np.errstate(all="ignore"):  # the NaN being looked for must not print a RuntimeWarning
+        if ggml_type in (GGML_F32, GGML_F16):
+            values = raw.view(np.float32 if ggml_type == GGML_F32 else np.float16)
+        else:
+            from gguf.constants import GGMLQuantizationType
+            from gguf.quants import dequantize
+
+            try:
+                values = dequantize(raw, GGMLQuantizationType(ggml_type))
+            except (NotImplementedError, ValueError):
+                return False
+        return not (math.isfinite(float(values.min())) and math.isfinite(float(values.max())))
 
 
 def parse_header(path: Path, buf: Any, size: int) -> Header:
@@ -194,11 +311,13 @@ def parse_header(path: Path, buf: Any, size: int) -> Header:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
         except (ValueError, KeyError):
             raise ValueError(f"tensor {name!r} has an unknown data type ({ggml_type})") from None
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # Python ints: a hostile shape cannot overflow (numpy would warn and wrap)
         if shape and shape[0] % block:
             raise ValueError(f"tensor {name!r}: rows of {shape[0]} values do not fit blocks of {block}")
         tensors[name] = Tensor(name, shape, ggml_type, offset, count // block * type_size)
     alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT) or DEFAULT_ALIGNMENT)
+    if alignment < 1 or alignment & (alignment - 1):  # llama.cpp refuses these too; here they would misplace data
+        raise ValueError(f"general.alignment {alignment} is not a power of two")
     data_start = (r.pos + alignment - 1) // alignment * alignment
     return Header(path, size, metadata, types, arrays, tensors, data_start)
 
@@ -276,7 +395,8 @@ class LoraInfo:
         return list(kinds)
 
     def layers(self) -> list[int]:
-        return sorted({int(n.split(".")[1]) for n in self.pairs if n.startswith("blk.") and n.split(".")[1].isdigit()})
+        parts = (n.split(".") for n in self.pairs)
+        return sorted({int(p[1]) for p in parts if len(p) > 2 and p[0] == "blk" and LAYER_NUMBER.fullmatch(p[1])})
 
 
 def read_lora(path: str | os.PathLike[str]) -> LoraInfo:
@@ -296,14 +416,14 @@ def read_lora(path: str | os.PathLike[str]) -> LoraInfo:
     if h.metadata.get("adapter.type") != "lora":
         raise AdapterError(f"{p}: adapter.type is {h.metadata.get('adapter.type')!r}, not 'lora'",
                            "only LoRA adapters can be attached")
-    vtype = h.value_types.get("adapter.lora.alpha")
-    if vtype is None:
-        raise AdapterError(f"{p}: has no adapter.lora.alpha", "convert the adapter again with llama.cpp's convert_lora_to_gguf.py")
+    vtype = h.value_types.get("adapter.lora.alpha", _FLOAT32)
     if vtype != _FLOAT32:
         raise AdapterError(
             f"{p}: adapter.lora.alpha is stored as {_TYPE_NAMES.get(vtype, vtype)}, llama.cpp needs float32 (it would abort)",
             "write alpha with GGUFWriter.add_float32, or convert the adapter again",
         )
+    alpha = float(h.metadata.get("adapter.lora.alpha", 0.0))  # llama.cpp reads a missing alpha as 0
+    check_gguf_alpha(alpha, p)
     pairs: dict[str, list] = {}
     for t in h.tensors.values():
         base, dot, suffix = t.name.rpartition(".")
@@ -311,6 +431,12 @@ def read_lora(path: str | os.PathLike[str]) -> LoraInfo:
             raise AdapterError(f"{p}: tensor {t.name!r} is not a lora_a/lora_b tensor", "is this a LoRA adapter GGUF?")
         if len(t.shape) != 2:
             raise AdapterError(f"{p}: tensor {t.name!r} has {len(t.shape)} dimensions, LoRA tensors have 2", "convert the adapter again")
+        if t.ggml_type not in MATMUL_TYPES:
+            raise AdapterError(
+                f"{p}: tensor {t.name!r} is stored as {type_name(t.ggml_type)}, which llama.cpp cannot multiply "
+                "(it would crash at the first token)",
+                "LoRA tensors must be F32, F16, BF16 or a quantized type such as Q8_0; convert the adapter again",
+            )
         pairs.setdefault(base, [None, None])[0 if suffix == "lora_a" else 1] = t.shape
     done: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for base, (a, b) in pairs.items():
@@ -323,7 +449,26 @@ def read_lora(path: str | os.PathLike[str]) -> LoraInfo:
         done[base] = (a, b)
     if not done:
         raise AdapterError(f"{p}: the adapter holds no tensors", "convert the adapter again")
-    return LoraInfo(p, h.architecture, float(h.metadata["adapter.lora.alpha"]), done, h.file_size)
+    bad = first_non_finite(h)
+    if bad is not None:
+        raise AdapterError(f"{p}: tensor {bad!r} holds NaN or infinite values (the answers would be empty)",
+                           "the adapter is damaged or its training diverged; train or convert it again")
+    return LoraInfo(p, h.architecture, alpha, done, h.file_size)
+
+
+def check_gguf_alpha(alpha: float, path: Path) -> None:
+    """``adapter.lora.alpha`` must be finite and not negative.
+
+    The one alpha rule, for both backends: llama.cpp scales an adapter by s·α/r and reads
+    α = 0 as "no alpha: the user scale s alone" (FACTS.md); a GGUF carried to transformers
+    keeps that meaning as α = r. A PEFT ``lora_alpha`` must be a finite number > 0 (checked
+    by chat.convert.adapter.load_peft_config, the reader both backends use): PEFT's α = 0
+    would switch the adapter off, which no llama.cpp file can say, so it is refused on
+    both backends rather than quietly changed (it used to become r or 8 on llama.cpp).
+    """
+    if not math.isfinite(alpha) or alpha < 0:
+        raise AdapterError(f"{path}: adapter.lora.alpha is {alpha}; it must be a finite number ≥ 0",
+                           "0 means the user scale alone; convert the adapter again with a real alpha")
 
 
 def check_lora(info: LoraInfo, base: BaseModel) -> None:
@@ -376,20 +521,33 @@ def read_vector(path: str | os.PathLike[str]) -> VectorInfo:
         what = "a LoRA adapter" if h.metadata.get("general.type") == "adapter" else f"general.architecture = {h.architecture!r}"
         raise AdapterError(f"{p}: is not a control vector ({what})", "[[steering]] takes llama.cpp control-vector GGUFs (cvector-generator)")
     widths: set[int] = set()
-    layers: list[int] = []
+    layers: dict[int, str] = {}
     for t in h.tensors.values():
-        prefix, _, idx = t.name.partition(".")
-        if prefix != "direction" or not idx.isdigit():
-            raise AdapterError(f"{p}: tensor {t.name!r} is not a direction.N tensor", "is this a control vector GGUF?")
+        il = direction_layer(t.name)
+        if il is None:
+            raise AdapterError(f"{p}: tensor {t.name!r} is not a direction.N tensor (N in ASCII digits)",
+                               "is this a control vector GGUF?")
         if len(t.shape) != 1 or t.ggml_type not in (GGML_F32, GGML_F16):
             raise AdapterError(f"{p}: {t.name} must be a 1-D float32 vector", "generate the vector again")
+        if il in layers:
+            raise AdapterError(f"{p}: {layers[il]!r} and {t.name!r} both name layer {il}", "generate the vector again")
         widths.add(t.shape[0])
-        layers.append(int(idx))
+        layers[il] = t.name
     if not layers:
         raise AdapterError(f"{p}: the control vector holds no direction tensors", "generate the vector again")
     if len(widths) > 1:
         raise AdapterError(f"{p}: its directions have different widths ({sorted(widths)})", "generate the vector again")
+    bad = first_non_finite(h)
+    if bad is not None:
+        raise AdapterError(f"{p}: tensor {bad!r} holds NaN or infinite values (the answers would be empty)",
+                           "generate the vector again")
     return VectorInfo(p, str(h.metadata.get("controlvector.model_hint", "")), widths.pop(), tuple(sorted(layers)), h.file_size)
+
+
+def direction_layer(name: str) -> int | None:
+    """N of a ``direction.N`` tensor name, or None when it is not one."""
+    prefix, _, idx = name.partition(".")
+    return int(idx) if prefix == "direction" and LAYER_NUMBER.fullmatch(idx) else None
 
 
 def check_vector(info: VectorInfo, base: BaseModel) -> None:
@@ -409,12 +567,16 @@ def read_directions(path: str | os.PathLike[str]) -> dict[int, np.ndarray]:
     """The vector's directions as float32 arrays, by layer (call after :func:`read_vector`)."""
     h = read_header(path, "control vector")
     out: dict[int, np.ndarray] = {}
-    with open(h.path, "rb") as fh:
+    with mapped(h.path, "control vector") as (buf, _):
         for t in h.tensors.values():
-            fh.seek(h.data_start + t.offset)
+            il = direction_layer(t.name)
+            if il is None:
+                continue
             dtype = np.float32 if t.ggml_type == GGML_F32 else np.float16
-            arr = np.frombuffer(fh.read(t.n_bytes), dtype=dtype).astype(np.float32)
-            out[int(t.name.split(".")[1])] = arr
+            count = t.n_bytes // np.dtype(dtype).itemsize
+            raw = np.frombuffer(buf, dtype=dtype, count=count, offset=h.data_start + t.offset)
+            out[il] = raw.astype(np.float32)  # a copy: nothing keeps the map open
+            del raw
     return out
 
 

@@ -7,7 +7,6 @@ folders are described from ``adapter_config.json``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from chat.errors import AdapterError
@@ -49,10 +48,13 @@ def _adapter_lines(path: Path, base, base_note: str | None) -> list[str]:
     from chat.gguf_parts import check_lora, read_lora
 
     if path.is_dir():
+        from chat.convert.adapter import load_peft_config
+        from chat.errors import ChatError
+
         try:
-            cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return ["    PEFT folder without a readable adapter_config.json"]
+            cfg = load_peft_config(path)  # the reader both backends use: regular files only, every field checked
+        except ChatError as exc:
+            return [f"    unusable PEFT folder: {exc.message}"]
         targets = cfg.get("target_modules") or []
         targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
         return [f"    PEFT LoRA: rank {cfg.get('r', '?')}, alpha {cfg.get('lora_alpha', '?')}, targets {targets}",

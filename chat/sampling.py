@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from chat.errors import SamplingError
+from chat.tomlfile import quote, shorten
 
 # The stages a backend must implement natively, in llama.cpp's default order.
 BUILTIN_STAGES: tuple[str, ...] = (
@@ -93,14 +95,22 @@ class SamplerSettings(BaseModel):
         seen = set()
         for stage in value:
             if stage in seen:
-                raise ValueError(f"stage {stage!r} is listed twice")
+                raise ValueError(f"stage {quote(stage)} is listed twice")
             seen.add(stage)
         known = set(BUILTIN_STAGES) | set(_plugin_stage_names())
         for stage in value:
             if stage not in known:
-                close = difflib.get_close_matches(stage, sorted(known), n=1)
-                tip = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown stage {stage!r}{tip} (known: {', '.join(sorted(known))})")
+                tip = _suggest(stage, sorted(known))
+                raise ValueError(f"unknown stage {quote(stage)}{tip} (known: {', '.join(sorted(known))})")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases_are_numbers(cls, value: dict[int, float]) -> dict[int, float]:
+        """NaN or +inf make every probability NaN (an empty answer that looks finished); -inf bans a token."""
+        for token, bias in value.items():
+            if math.isnan(bias) or bias == math.inf:
+                raise ValueError(f"the bias of token {token} is {bias}; use a finite number (or -inf to ban the token)")
         return value
 
     @field_validator("stage_params")
@@ -112,7 +122,7 @@ class SamplerSettings(BaseModel):
         for stage in value:
             if stage not in order:
                 raise ValueError(
-                    f"stage {stage!r} has parameters but is not in order; "
+                    f"stage {quote(stage)} has parameters but is not in order; "
                     f"add it to order (e.g. order={','.join((stage, *order))}) or remove its parameters"
                 )
         return value
@@ -195,7 +205,9 @@ def parse_value(key: str, raw: str) -> Any:
             try:
                 return tuple(json.loads(raw))
             except json.JSONDecodeError as exc:
-                raise SamplingError(f"{key}={raw}: not a JSON list ({exc.msg})", "write a,b,c or [\"a\", \"b\"]") from None
+                raise SamplingError(
+                    f"{key}={shorten(raw)}: not a JSON list ({exc.msg})", "write a,b,c or [\"a\", \"b\"]"
+                ) from None
         if key == "order":
             return tuple(p.strip() for p in raw.split(",") if p.strip())
         return tuple(_unescape(p) for p in raw.split(",")) if raw else ()
@@ -204,7 +216,9 @@ def parse_value(key: str, raw: str) -> Any:
         for part in filter(None, (p.strip() for p in raw.split(","))):
             tok, sep, val = part.partition(":")
             if not sep:
-                raise SamplingError(f"logit_bias={raw}: expected TOKEN_ID:BIAS pairs", "e.g. -o logit_bias=15:-100,27:2.5")
+                raise SamplingError(
+                    f"logit_bias={shorten(raw)}: expected TOKEN_ID:BIAS pairs", "e.g. -o logit_bias=15:-100,27:2.5"
+                )
             bias[tok.strip()] = val.strip()
         return bias
     if raw.lower() in {"none", "null", "off", ""} and key in {"seed", "max_tokens"}:
@@ -227,7 +241,7 @@ def split_option(text: str) -> tuple[str, str]:
         key, _, value = text.strip().partition(" ")
     key = key.strip().replace("-", "_")
     if not key:
-        raise SamplingError(f"{text!r}: expected KEY=VALUE", "e.g. -o top_p=0.9")
+        raise SamplingError(f"{quote(text)}: expected KEY=VALUE", "e.g. -o top_p=0.9")
     return key, value
 
 
@@ -246,7 +260,7 @@ def normalize_layer(values: Mapping[str, Any], *, source: str) -> dict[str, Any]
             stage, _, param = key.partition(".")
             if stage not in _PLUGIN_STAGES:
                 raise SamplingError(
-                    f"{source}: unknown sampler stage {stage!r} in {key!r}",
+                    f"{source}: unknown sampler stage {quote(stage)} in {quote(key)}",
                     f"run `chat samplers` to list stages{_suggest(stage, _PLUGIN_STAGES)}",
                 )
             params = dict(out.get("stage_params", {}).get(stage, {}))
@@ -255,7 +269,7 @@ def normalize_layer(values: Mapping[str, Any], *, source: str) -> dict[str, Any]
             continue
         if key not in FIELD_NAMES:
             raise SamplingError(
-                f"{source}: unknown sampler setting {key!r}",
+                f"{source}: unknown sampler setting {quote(key)}",
                 f"run `chat samplers` to list settings{_suggest(key, FIELD_NAMES)}",
             )
         out[key] = parse_value(key, value) if isinstance(value, str) else value
@@ -263,7 +277,7 @@ def normalize_layer(values: Mapping[str, Any], *, source: str) -> dict[str, Any]
 
 
 def _suggest(name: str, choices: Sequence[str] | Mapping[str, Any]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
+    close = difflib.get_close_matches(name, list(choices), n=1) if len(name) <= 64 else []  # a long one is no typo
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
@@ -350,7 +364,7 @@ def _check_stage_params(settings: SamplerSettings, sources: Mapping[str, str]) -
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"])
             raise SamplingError(
-                f"{sources.get(f'{stage}.{field}', 'settings')}: {stage}.{field}: {err['msg']}",
+                f"{sources.get(f'{stage}.{field}', 'settings')}: {stage}.{shorten(field, 40)}: {shorten(err['msg'], 160)}",
                 f"see `chat samplers` for {stage}'s parameters",
             ) from None
 
@@ -360,12 +374,13 @@ def _sampling_error(exc: ValidationError, merged: Mapping[str, Any], sources: Ma
     field = str(err["loc"][0]) if err["loc"] else "settings"
     value = merged.get(field, "")
     if isinstance(value, tuple):
-        value = ",".join(map(str, value))
+        value = ",".join(map(str, value[:20]))
     info = SamplerSettings.model_fields.get(field)
     allowed = info.description if info and info.description else ""
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = shorten(err["msg"].removeprefix("Value error, "), 200)
     where = sources.get(field, "settings")
-    return SamplingError(f"{where}: {field}={value}: {msg}", f"allowed: {allowed}" if allowed else None)
+    text = shorten(str(value) if not isinstance(value, (dict, list)) else quote(value))
+    return SamplingError(f"{where}: {field}={text}: {msg}", f"allowed: {allowed}" if allowed else None)
 
 
 def describe_fields() -> list[tuple[str, Any, str]]:

@@ -62,6 +62,10 @@ __all__ = [
     "write_bad_lora_unknown_tensor",
     "write_bad_lora_alpha_type",
     "write_bad_control_vector_width",
+    "write_gguf_variant",
+    "write_bad_lora_tensors",
+    "write_bad_control_vector",
+    "write_bad_peft_adapter",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -897,3 +901,157 @@ def write_bad_control_vector_width(path: PathLike, cfg: TinyLlamaConfig, seed: i
     """A control vector whose directions are ``hidden_size + extra`` wide."""
     wide = TinyLlamaConfig(**{**asdict(cfg), "hidden_size": cfg.hidden_size + extra})
     return write_control_vector(path, make_control_vector(wide, seed=seed, layers=range(1, max(2, cfg.n_layer))))
+
+
+# --------------------------------------------------------------------------------------
+# Files llama.cpp accepts and then crashes on, and numbers that give empty answers
+# (for the hardening tests; only the validators may open them in-process)
+# --------------------------------------------------------------------------------------
+
+_NUMPY_TYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64")
+
+
+def _stored_as(arr: np.ndarray, kind: str) -> tuple[np.ndarray, dict]:
+    """``arr`` stored as numpy dtype ``kind`` ("int32" …) or ggml type ``kind`` ("Q8_0" …), and add_tensor kwargs."""
+    if kind in _NUMPY_TYPES:
+        scaled = arr * 100 if kind.startswith("int") else arr  # integers: keep the values from all rounding to 0
+        return np.ascontiguousarray(scaled.astype(kind)), {}
+    qtype = gguf.GGMLQuantizationType[kind]
+    q = gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
+    return q, {"raw_shape": q.shape, "raw_dtype": qtype}
+
+
+def write_gguf_variant(
+    path: PathLike,
+    cfg: TinyLlamaConfig,
+    weights: Mapping[str, np.ndarray],
+    tokenizer_dir: PathLike,
+    hparams: Mapping[str, float | int] | None = None,
+    tensor_types: Mapping[str, str] | None = None,
+) -> Path:
+    """The f32 tiny llama with hyper-parameters overridden and tensors stored in other types.
+
+    ``hparams`` maps keys under ``llama.`` to values (ints as uint32, floats as float32), e.g.
+    ``{"block_count": 0}`` or ``{"attention.layer_norm_rms_epsilon": float("nan")}``.
+    ``tensor_types`` maps fnmatch patterns of GGUF tensor names to a numpy dtype name or a
+    ggml quantized type name, e.g. ``{"*_norm.weight": "float16", "token_embd.weight": "int32"}``.
+    """
+    import fnmatch
+    import logging
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    _add_llama_hparams(w, cfg, "tiny-llama-variant")
+    _add_tokenizer(w, tokenizer_dir, CHATML_TEMPLATE)
+    gguf_logger = logging.getLogger("gguf.gguf_writer")
+    level, gguf_logger.level = gguf_logger.level, logging.ERROR  # "duplicated key": overriding is the point
+    try:
+        for key, value in (hparams or {}).items():
+            vtype = gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32
+            w.add_key_value(f"llama.{key}", value, vtype)
+    finally:
+        gguf_logger.level = level
+    for hf_name, arr in weights.items():
+        arr = np.asarray(arr, dtype=np.float32)
+        if hf_name.endswith("q_proj.weight"):
+            arr = permute_qk(arr, cfg.n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            arr = permute_qk(arr, cfg.n_head_kv)
+        name = _gguf_name(hf_name, cfg.n_layer)
+        kind = next((k for pat, k in (tensor_types or {}).items() if fnmatch.fnmatchcase(name, pat)), None)
+        data, extra = _stored_as(arr, kind) if kind else (np.ascontiguousarray(arr), {})
+        w.add_tensor(name, data, **extra)
+    _finish(w)
+    return path
+
+
+def write_bad_lora_tensors(
+    path: PathLike,
+    cfg: TinyLlamaConfig,
+    lora: LoraAdapter,
+    dtype: str | None = None,
+    layer: str | None = None,
+    value: float | None = None,
+    alpha: float | None = None,
+) -> Path:
+    """An adapter GGUF with one kind of damage.
+
+    ``dtype``: every tensor stored as that numpy dtype (``"int32"``, ``"int8"``, ``"float64"``);
+    ``layer``: the first pair renamed to ``blk.<layer>.…`` (e.g. ``"²"``);
+    ``value``: written into the first ``lora_b`` (``float("nan")``, ``float("inf")``);
+    ``alpha``: ``adapter.lora.alpha`` (float32) instead of the adapter's own.
+    """
+    tensors = _lora_tensors(cfg, lora)
+    if dtype is not None:
+        tensors = [(n, _stored_as(a, dtype)[0]) for n, a in tensors]
+    if layer is not None:
+        tensors = [(_relayer(n, layer) if i < 2 else n, a) for i, (n, a) in enumerate(tensors)]
+    if value is not None:
+        i = next(i for i, (n, _) in enumerate(tensors) if n.endswith(".lora_b"))
+        b = tensors[i][1].copy()
+        b.flat[0] = value
+        tensors[i] = (tensors[i][0], b)
+    return _write_adapter_gguf(path, tensors, alpha=lora.alpha if alpha is None else alpha)
+
+
+def _relayer(name: str, layer: str) -> str:
+    parts = name.split(".")
+    return ".".join([parts[0], layer, *parts[2:]])
+
+
+def write_bad_control_vector(
+    path: PathLike, directions: Mapping[int, np.ndarray], name: str | None = None, value: float | None = None
+) -> Path:
+    """A control vector whose first direction is named ``name`` ("direction.²") or holds ``value`` at index 0."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "controlvector")
+    w.add_string("controlvector.model_hint", "llama")
+    w.add_int32("controlvector.layer_count", len(directions))
+    for i, il in enumerate(sorted(directions)):
+        d = np.array(directions[il], dtype=np.float32)
+        if i == 0 and value is not None:
+            d[0] = value
+        w.add_tensor(name if i == 0 and name else f"direction.{il}", d)
+    _finish(w)
+    return path
+
+
+def write_bad_peft_adapter(
+    out_dir: PathLike,
+    cfg: TinyLlamaConfig,
+    lora: LoraAdapter,
+    config: Mapping[str, object] | None = None,
+    config_bytes: bytes | None = None,
+    weights_bytes: bytes | None = None,
+    drop: str | None = None,
+    value: float | None = None,
+) -> Path:
+    """A PEFT folder with one thing wrong.
+
+    ``config``: keys overriding adapter_config.json (``{"lora_alpha": float("nan")}`` is written as
+    JSON's ``NaN``); ``config_bytes``: the whole adapter_config.json; ``weights_bytes``: the whole
+    adapter_model.safetensors; ``drop``: tensors whose names contain it are left out;
+    ``value``: written into the first ``lora_B``.
+    """
+    from safetensors.numpy import save_file
+
+    out = write_peft_adapter(out_dir, cfg, lora)
+    if config is not None:
+        merged = {**json.loads((out / "adapter_config.json").read_text()), **config}
+        (out / "adapter_config.json").write_text(json.dumps(merged))
+    if config_bytes is not None:
+        (out / "adapter_config.json").write_bytes(config_bytes)
+    tensors: dict[str, np.ndarray] = {}
+    for mod in lora.a:
+        tensors[f"base_model.model.{mod}.lora_A.weight"] = np.ascontiguousarray(lora.a[mod])
+        tensors[f"base_model.model.{mod}.lora_B.weight"] = np.array(lora.b[mod])
+    if value is not None:
+        next(a for n, a in tensors.items() if "lora_B" in n).flat[0] = value
+    if drop is not None:
+        tensors = {n: a for n, a in tensors.items() if drop not in n}
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if weights_bytes is not None:
+        (out / "adapter_model.safetensors").write_bytes(weights_bytes)
+    return out

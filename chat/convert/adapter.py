@@ -43,6 +43,15 @@ GGUF_MAGIC = b"GGUF"
 
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
+#: PEFT's ``LoraConfig`` default for a config without ``lora_alpha`` (what peft itself then uses).
+PEFT_DEFAULT_ALPHA = 8.0
+_RESAVE = "re-save the adapter with peft (save_pretrained)"
+
+
+def natural_key(name: str) -> list[int | str]:
+    """``blk.10`` after ``blk.9``: runs of ASCII digits compare as numbers (``"²".isdigit()`` is True, int() fails)."""
+    return [int(p) if i % 2 else p for i, p in enumerate(re.split(r"([0-9]+)", name))]
+
 
 @dataclass(frozen=True)
 class BaseModel:
@@ -161,17 +170,62 @@ class ConvertedAdapter:
     n_modules: int
 
 
-def read_peft_config(peft_dir: Path) -> dict[str, Any]:
+def load_peft_config(peft_dir: Path) -> dict[str, Any]:
+    """``adapter_config.json`` of a PEFT LoRA folder, checked the same way for both backends.
+
+    The shared rules: a JSON object, ``peft_type`` LORA, ``r`` a whole number > 0, and
+    ``lora_alpha`` a finite number > 0 (absent: PEFT's default 8), the same for every
+    value of ``rank_pattern`` / ``alpha_pattern``. The values are returned normalised
+    (``r`` int, ``lora_alpha`` float). Why α = 0 is refused rather than read as r: see
+    :func:`chat.gguf_parts.check_gguf_alpha`.
+    """
+    from chat.gguf_parts import open_regular
+
     path = peft_dir / "adapter_config.json"
-    if not path.is_file():
+    if not path.exists():
         raise AdapterError(f"{peft_dir}: no adapter_config.json", hint="pass a PEFT LoRA adapter folder")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{path}: cannot read it ({exc})") from None
+        with open_regular(path, "adapter config") as fh:
+            config = json.loads(fh.read().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AdapterError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", hint=_RESAVE) from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise AdapterError(f"{path}: not valid JSON ({_first_line(exc)})", hint=_RESAVE) from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: holds a JSON {type(config).__name__}, not an object of settings", hint=_RESAVE)
     kind = config.get("peft_type")
-    if kind != "LORA":
-        raise AdapterError(f"{path}: peft_type {kind!r} is not LoRA", hint="only LoRA adapters can be converted")
+    if not isinstance(kind, str) or kind.upper() != "LORA":
+        raise AdapterError(f"{path}: peft_type {kind!r} is not LoRA", hint="only LoRA adapters can be used")
+    config["r"] = int(_positive(config.get("r"), "r", path, whole=True))
+    config["lora_alpha"] = _positive(config.get("lora_alpha", PEFT_DEFAULT_ALPHA), "lora_alpha", path)
+    for key, whole in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterError(f"{path}: {key} is a {type(pattern).__name__}, not an object of module: value",
+                               hint=_RESAVE)
+        values = {m: _positive(v, f"{key}[{m!r}]", path, whole=whole) for m, v in pattern.items()}
+        config[key] = {m: int(v) for m, v in values.items()} if whole else values
+    return config
+
+
+def _positive(value: Any, key: str, where: Path, whole: bool = False) -> float:
+    """``value`` if it is a finite number > 0 (whole when ``whole``); JSON true/false are not numbers."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok or (whole and value != int(value)):
+        what = "a whole number > 0" if whole else "a finite number > 0"
+        raise AdapterError(f"{where}: {key} is {json.dumps(value)}; it must be {what}", hint=_RESAVE)
+    return float(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def read_peft_config(peft_dir: Path) -> dict[str, Any]:
+    """The checked config (:func:`load_peft_config`) of an adapter llama.cpp can express."""
+    config = load_peft_config(peft_dir)
+    path = peft_dir / "adapter_config.json"
     for flag, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out weights")):
         if config.get(flag):
             raise AdapterError(f"{path}: {what} cannot be expressed as a llama.cpp LoRA adapter")
@@ -186,8 +240,8 @@ def read_peft_config(peft_dir: Path) -> dict[str, Any]:
 
 
 def _peft_alpha(config: dict[str, Any], ranks: set[int], where: Path) -> float:
-    alpha = float(config.get("lora_alpha") or config.get("r") or 8)
-    patterns = {float(v) for v in (config.get("alpha_pattern") or {}).values()}
+    alpha = float(config["lora_alpha"])  # validated by load_peft_config: finite, > 0
+    patterns = set(config["alpha_pattern"].values())
     if patterns - {alpha}:
         raise AdapterError(f"{where}: per-module alpha (alpha_pattern) cannot be expressed in one llama.cpp adapter")
     if config.get("use_rslora"):
@@ -203,7 +257,7 @@ def read_peft_tensors(peft_dir: Path) -> dict[str, dict[str, np.ndarray]]:
     from chat.convert.tensorfile import PICKLE_PATTERNS, SafetensorsFile
 
     path = peft_dir / "adapter_model.safetensors"
-    if not path.is_file():
+    if not path.exists():
         pickles = sorted(p.name for pat in PICKLE_PATTERNS for p in peft_dir.glob(pat))
         if pickles:
             raise AdapterError(
@@ -221,15 +275,24 @@ def read_peft_tensors(peft_dir: Path) -> dict[str, dict[str, np.ndarray]]:
         m = _PEFT_KEY.match(key)
         if m is None:
             if "lora_embedding" in key:
-                raise AdapterError(f"{path}: {key}: LoRA on the embeddings is not supported by this converter")
-            raise AdapterError(f"{path}: unexpected tensor {key} (not a lora_A/lora_B weight)")
-        modules.setdefault(m["module"], {})[m["ab"]] = f.float32(key)
+                raise AdapterError(f"{path}: {key}: LoRA on the embeddings is not supported by this converter",
+                                   hint="train the adapter without the embeddings in target_modules")
+            raise AdapterError(f"{path}: unexpected tensor {key} (not a lora_A/lora_B weight)", hint=_RESAVE)
+        try:
+            values = f.float32(key)
+        except ModelError as exc:
+            raise AdapterError(exc.message, exc.hint) from None
+        if not np.isfinite(values).all():
+            raise AdapterError(f"{path}: tensor {key} holds NaN or infinite values (the answers would be empty)",
+                               hint="the adapter is damaged or its training diverged; train it again")
+        modules.setdefault(m["module"], {})[m["ab"]] = values
     f.close()
     for module, ab in modules.items():
         if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{path}: {module} has lora_{''.join(ab)} but not its pair")
+            raise AdapterError(f"{path}: {module} has lora_{''.join(ab)} but not its pair",
+                               hint="the adapter is incomplete; " + _RESAVE)
     if not modules:
-        raise AdapterError(f"{path}: no LoRA tensors")
+        raise AdapterError(f"{path}: no LoRA tensors", hint=_RESAVE)
     return modules
 
 
@@ -266,7 +329,7 @@ def peft_to_gguf(
     modules = read_peft_tensors(src)
     tensors: list[tuple[str, np.ndarray]] = []
     ranks: set[int] = set()
-    for module in sorted(modules, key=lambda m: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", m)]):
+    for module in sorted(modules, key=natural_key):
         a, b = modules[module]["A"], modules[module]["B"]
         name = gguf_name(module + ".weight", base_model.gguf_arch, base_model.shape.n_layer)
         if name is None:
@@ -275,6 +338,11 @@ def peft_to_gguf(
                 hint="the adapter was trained for another kind of model",
             )
         _check_pair(name, a, b, base_model, str(src))
+        if not config["rank_pattern"] and a.shape[0] != config["r"]:
+            raise AdapterError(
+                f"{src}: {module}.lora_A has rank {a.shape[0]} but adapter_config.json says r = {config['r']}",
+                hint=_RESAVE,
+            )
         heads = qk_heads(module, base_model.shape) if base_model.permutes_qk else None
         if heads:
             b = permute_qk(b, heads)
@@ -346,6 +414,9 @@ def read_gguf_adapter(path: str | os.PathLike[str]) -> GGUFAdapter:
         if alpha_field.types != [gguf.GGUFValueType.FLOAT32]:
             raise AdapterError(f"{p}: adapter.lora.alpha is stored as {alpha_field.types[0].name}, not FLOAT32")
         alpha = float(alpha_field.contents())
+    from chat.gguf_parts import read_lora
+
+    read_lora(p)  # the checks llama.cpp would need too: tensor types, finite numbers, a sane alpha
     arch = field_of("general.architecture").contents()
     halves: dict[str, dict[str, np.ndarray]] = {}
     for t in reader.tensors:
@@ -389,7 +460,7 @@ def gguf_adapter_to_peft(
     to_module = hf_module_for_gguf(base.gguf_arch, base.shape.n_layer)
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
-    for name in sorted(adapter.pairs, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]):
+    for name in sorted(adapter.pairs, key=natural_key):
         a, b = adapter.pairs[name]
         module = to_module.get(name)
         if module is None:

@@ -7,7 +7,8 @@ format: the original when it already is, else a converted copy under
 of everything the conversion reads from the base model (architecture, head counts,
 tensor shapes) — so an edited adapter or a different base converts again, and the
 same base as GGUF or as a Hugging Face folder shares one entry. Entries appear by an
-atomic rename, so a crash never leaves a half-written one behind.
+atomic rename, so a crash never leaves a half-written one behind; a data dir that cannot
+be written is one error line naming it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Literal
 
 from chat.convert.adapter import BaseModel, gguf_adapter_to_peft, is_gguf_file, peft_to_gguf, read_base
 from chat.errors import AdapterError, UsageError
+from chat.gguf_parts import open_regular
 
 #: Bump when a converter's output changes, so old cache entries are not reused.
 CONVERTER_VERSION = 1
@@ -32,7 +34,7 @@ Format = Literal["gguf", "peft"]
 def adapter_format(path: str | os.PathLike[str]) -> Format:
     """``"peft"`` for a PEFT folder, ``"gguf"`` for a GGUF file, else an AdapterError."""
     p = Path(path)
-    if p.is_dir() and (p / "adapter_config.json").is_file():
+    if p.is_dir() and (p / "adapter_config.json").exists():  # not a regular file: the reader says so
         return "peft"
     if is_gguf_file(p):
         return "gguf"
@@ -62,7 +64,7 @@ def cache_key(path: str | os.PathLike[str], want: Format, base: BaseModel) -> st
                         sort_keys=True).encode())
     for f in _source_files(p, fmt):
         h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
+        with open_regular(f, "adapter") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
@@ -95,8 +97,11 @@ def ensure_format(
     if (entry / leaf).exists():
         return entry / leaf, False
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
+    except OSError as exc:
+        raise _unwritable(root, exc) from None
     try:
         if want == "gguf":
             peft_to_gguf(src, base_model, tmp / leaf)
@@ -109,7 +114,18 @@ def ensure_format(
         except OSError:
             if not (entry / leaf).exists():  # not a lost race with another process: a real failure
                 raise
+    except OSError as exc:  # the converters report unreadable inputs themselves: this is the cache failing
+        raise _unwritable(root, exc) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return entry / leaf, True
+
+
+def _unwritable(root: Path, exc: OSError) -> AdapterError:
+    """A read-only or full data dir: one line naming the cache folder, not a traceback."""
+    return AdapterError(
+        f"{root}: cannot write the converted adapter there ({exc.strerror or exc})",
+        "make the data dir writable (or set CHAT_DATA_DIR to a writable folder), or convert the adapter "
+        "yourself with `chat convert adapter` and point the card at the result",
+    )

@@ -60,7 +60,8 @@ class _Planned:
 
 
 def _natural(name: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+    """``layers.10`` after ``layers.9`` (ASCII digits only: ``"²".isdigit()`` is True but int() refuses it)."""
+    return [int(p) if i % 2 else p for i, p in enumerate(re.split(r"([0-9]+)", name))]
 
 
 def _rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:

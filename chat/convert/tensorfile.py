@@ -36,6 +36,16 @@ _DTYPES: dict[str, np.dtype] = {
 _NUMPY_TO_ST = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<f8"): "F64"}
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_DAMAGED = "the file is damaged or incomplete; download or save it again"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 @dataclass(frozen=True)
@@ -52,9 +62,11 @@ class SafetensorsFile:
     """One ``.safetensors`` file: its header now, tensor data on demand."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        from chat.gguf_parts import open_regular
+
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as f:
+        with open_regular(self.path, "safetensors file", ModelError) as f:  # a pipe would block forever
+            try:
                 raw = f.read(8)
                 if len(raw) < 8:
                     raise ValueError("file is shorter than its header length")
@@ -63,17 +75,35 @@ class SafetensorsFile:
                 if n > size - 8:
                     raise ValueError("header length runs past the end of the file")
                 header = json.loads(f.read(n))
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise ModelError(f"{self.path}: not a readable safetensors file ({exc})") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        base = 8 + n
-        self.entries: dict[str, TensorEntry] = {}
-        for name, info in header.items():
-            start, end = info["data_offsets"]
-            entry = TensorEntry(self.path, name, info["dtype"], tuple(info["shape"]), base + start, base + end)
-            if entry.end > size:
-                raise ModelError(f"{self.path}: tensor {name} runs past the end of the file (truncated download?)")
-            self.entries[name] = entry
+            except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError included
+                raise ModelError(f"{self.path}: not a readable safetensors file ({_first_line(exc)})",
+                                 _DAMAGED) from None
+        if not isinstance(header, dict):
+            raise ModelError(f"{self.path}: the safetensors header is a JSON {type(header).__name__}, not an object",
+                             _DAMAGED)
+        metadata = header.pop("__metadata__", None) or {}
+        self.metadata: dict[str, str] = metadata if isinstance(metadata, dict) else {}
+        self.entries: dict[str, TensorEntry] = {
+            name: self._entry(name, info, 8 + n, size) for name, info in header.items()
+        }
+
+    def _entry(self, name: str, info: Any, base: int, size: int) -> TensorEntry:
+        """One header entry, checked: a dtype string, a shape of counts, offsets inside the file."""
+        where = f"{self.path}: tensor {name}"
+        if not isinstance(info, dict):
+            raise ModelError(f"{where}: its header entry is not an object", _DAMAGED)
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise ModelError(f"{where}: no dtype in its header entry", _DAMAGED)
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ModelError(f"{where}: shape {shape!r} is not a list of sizes", _DAMAGED)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+                and offsets[0] <= offsets[1]):
+            raise ModelError(f"{where}: data_offsets {offsets!r} are not two increasing byte offsets", _DAMAGED)
+        entry = TensorEntry(self.path, name, dtype, tuple(shape), base + offsets[0], base + offsets[1])
+        if entry.end > size:
+            raise ModelError(f"{where} runs past the end of the file (truncated download?)", _DAMAGED)
+        return entry
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -103,6 +133,27 @@ class SafetensorsFile:
         if e.dtype == "BF16":
             return (a.astype(np.uint32) << 16).view(np.float32)
         return a if a.dtype == np.float32 else a.astype(np.float32)
+
+    def first_non_finite(self) -> str | None:
+        """The first float tensor holding a NaN or an infinity, read through a read-only memory map.
+
+        NaN weights are not an error any loader reports: they make every answer empty.
+        """
+        for name, e in self.entries.items():
+            dtype = _DTYPES.get(e.dtype)
+            if dtype is None or (dtype.kind != "f" and e.dtype != "BF16") or e.end == e.start:
+                continue
+            count = (e.end - e.start) // dtype.itemsize
+            values = np.memmap(self.path, dtype=dtype, mode="r", offset=e.start, shape=(count,))
+            if e.dtype == "BF16":  # exponent bits all ones: NaN or ±Inf
+                bad = bool(((values & 0x7F80) == 0x7F80).any())
+            else:
+                with np.errstate(all="ignore"):  # the NaN being looked for must not print a RuntimeWarning
+                    bad = not (np.isfinite(values.min()) and np.isfinite(values.max()))
+            del values
+            if bad:
+                return name
+        return None
 
     def close(self) -> None:
         """Nothing stays open between reads; kept so callers can say when they are done."""
@@ -140,11 +191,14 @@ def safetensors_files(model_dir: str | os.PathLike[str], what: str = "model") ->
     d = Path(model_dir)
     index = d / "model.safetensors.index.json"
     if index.is_file():
+        from chat.gguf_parts import open_regular
+
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"{index}: cannot read the shard index ({exc})") from None
-        files = sorted({d / f for f in weight_map.values()})
+            with open_regular(index, "shard index", ModelError) as fh:
+                weight_map = json.loads(fh.read().decode("utf-8"))["weight_map"]
+            files = sorted({d / f for f in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise ModelError(f"{index}: cannot read the shard index ({_first_line(exc)})", _DAMAGED) from None
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ModelError(f"{d}: shard {missing[0]} named in model.safetensors.index.json is missing",

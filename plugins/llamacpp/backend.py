@@ -365,6 +365,12 @@ class LlamaCppBackend:
         self._check_open()
         started = time.perf_counter()
         prompt = self.prompt_tokens(messages)
+        if not prompt:  # llama.cpp would sample from logits it never computed (GGML_ASSERT: abort)
+            raise ModelError(
+                f"{self.path}: the chat template {self.template.description} "
+                "renders this conversation as an empty prompt",
+                "use another template (--template chatml, for one) or fix the template file",
+            )
         if len(prompt) >= self.context_size:
             raise ContextOverflowError(
                 f"the prompt needs {len(prompt)} tokens but the context holds {self.context_size}",

@@ -16,7 +16,6 @@ adds nothing when no vector covers its layer.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import warnings
@@ -50,8 +49,8 @@ class LoadedAdapter:
 
     @property
     def scaling(self) -> float:
-        """α/r (α = 0 counts as 1, as llama.cpp does)."""
-        return (self.alpha / self.rank) if self.alpha else 1.0
+        """α/r; α > 0 always (see chat.gguf_parts.check_gguf_alpha for the one alpha rule)."""
+        return self.alpha / self.rank
 
 
 def _base_module(model: Any, name: str) -> Any | None:
@@ -66,19 +65,12 @@ def check_adapter(model: Any, folder: Path) -> dict[str, Any]:
     """Validate a PEFT LoRA folder against ``model``; return its adapter_config. AdapterError names the tensor."""
     from safetensors import safe_open
 
+    from chat.convert.adapter import load_peft_config
+
     weights = check_adapter_folder(folder)
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"{folder}/adapter_config.json: unreadable ({exc})", "re-save the adapter with peft") from None
-    kind = str(config.get("peft_type", "LORA")).upper()
-    if kind != "LORA":
-        raise AdapterError(f"{folder}: a {kind} adapter; only LoRA adapters can be attached", "use a LoRA adapter (peft_type LORA)")
-    try:
-        rank = int(config["r"])
-    except (KeyError, TypeError, ValueError):
-        raise AdapterError(f"{folder}/adapter_config.json: no rank 'r'", "re-save the adapter with peft") from None
-    patterned = bool(config.get("rank_pattern"))
+    config = load_peft_config(folder)  # the rules llama.cpp's conversion applies too: r, lora_alpha, patterns
+    rank = int(config["r"])
+    patterned = bool(config["rank_pattern"])
     seen = 0
     try:
         with safe_open(str(weights), framework="numpy") as f:
@@ -92,7 +84,22 @@ def check_adapter(model: Any, folder: Path) -> dict[str, Any]:
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})", "re-save the adapter with peft") from None
     if not seen:
         raise AdapterError(f"{weights}: the adapter holds no tensors", "re-save the adapter with peft")
+    _check_finite(weights)
     return config
+
+
+def _check_finite(weights: Path) -> None:
+    """NaN or infinite weights give empty answers, not errors: refuse them naming the tensor."""
+    from chat.convert.tensorfile import SafetensorsFile
+    from chat.errors import ModelError
+
+    try:
+        bad = SafetensorsFile(weights).first_non_finite()
+    except ModelError as exc:
+        raise AdapterError(exc.message, exc.hint) from None
+    if bad is not None:
+        raise AdapterError(f"{weights}: tensor {bad} holds NaN or infinite values (the answers would be empty)",
+                           "the adapter is damaged or its training diverged; train it again")
 
 
 def _check_tensor(model: Any, folder: Path, key: str, shape: tuple[int, ...], rank: int, patterned: bool) -> None:
@@ -183,7 +190,7 @@ class LoraSet:
             name=name,
             label=folder.name,
             rank=int(config["r"]),
-            alpha=float(config.get("lora_alpha", config["r"])),
+            alpha=float(config["lora_alpha"]),  # checked > 0 (absent: peft's default 8) by load_peft_config
             load_s=time.perf_counter() - started,
         )
         self.loaded[folder] = got
@@ -247,36 +254,22 @@ class ControlVector:
 
 
 def read_control_vector(path: Path, hidden_size: int) -> ControlVector:
-    """Read a llama.cpp cvector GGUF; a width other than the model's hidden size is an AdapterError."""
-    import numpy as np
-    from gguf import GGUFReader
+    """Read a llama.cpp cvector GGUF; a width other than the model's hidden size is an AdapterError.
+
+    The core reader (:mod:`chat.gguf_parts`, shared with llama.cpp) opens regular files only,
+    reads layer numbers in ASCII digits and refuses NaN or infinite directions.
+    """
+    from chat.gguf_parts import read_directions, read_vector
 
     path = Path(path)
-    if path.is_dir() or path.suffix.lower() != ".gguf":
-        raise AdapterError(f"{path}: not a control-vector GGUF", "control vectors are llama.cpp cvector GGUF files (direction.N tensors)")
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:
-        raise AdapterError(f"{path}: not a readable GGUF file ({_first_line(exc)})", "re-create it with llama.cpp's cvector-generator") from None
-    arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
-    if arch != "controlvector":
-        raise AdapterError(f"{path}: general.architecture is {arch!r}, not 'controlvector'", "this is not a control vector; LoRA adapters go under [[adapters]]")
-    directions: dict[int, np.ndarray] = {}
-    for t in reader.tensors:
-        m = re.fullmatch(r"direction\.(\d+)", t.name)
-        if m is None:
-            continue
-        data = np.asarray(t.data, dtype=np.float32).reshape(-1)
-        if data.size != hidden_size:
-            raise AdapterError(
-                f"{path}: tensor {t.name} has {data.size} values but the model's hidden size is {hidden_size}",
-                "the control vector was made for another model; generate one for this model",
-            )
-        directions[int(m[1])] = data.copy()
-    if not directions:
-        raise AdapterError(f"{path}: no direction.N tensors", "re-create it with llama.cpp's cvector-generator")
-    return ControlVector(path, directions, hidden_size)
+    info = read_vector(path)
+    if info.n_embd != hidden_size:
+        raise AdapterError(
+            f"{path}: tensor direction.{info.layers[0]} has {info.n_embd} values "
+            f"but the model's hidden size is {hidden_size}",
+            "the control vector was made for another model; generate one for this model",
+        )
+    return ControlVector(path, read_directions(path), hidden_size)
 
 
 def decoder_layers(model: Any) -> Any:
