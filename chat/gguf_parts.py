@@ -150,6 +150,7 @@ class Header:
     array_lengths: dict[str, int]
     tensors: dict[str, Tensor] = field(repr=False)
     data_start: int = 0
+    duplicate_tokens: int = 0  # vocabulary entries that repeat an earlier one
 
     @property
     def architecture(self) -> str:
@@ -168,6 +169,9 @@ class Header:
     def arch_int(self, key: str) -> int | None:
         value = self.metadata.get(f"{self.architecture}.{key}")
         return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+_U64 = struct.Struct("<Q")
 
 
 class TruncatedHeader(Exception):
@@ -194,19 +198,27 @@ class _Reader:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def skip_array(self) -> int:
+    def skip_array(self, distinct: set[bytes] | None = None) -> int:
+        """Step over an array; with ``distinct``, collect a string array's items into it (duplicate check)."""
         etype, count = self.take("I"), self.take("Q")
         if etype in _SCALARS:
             n = struct.calcsize("<" + _SCALARS[etype]) * count
             if self.pos + n > self.size:
                 raise TruncatedHeader
             self.pos += n
-        elif etype == _STRING:
+        elif etype == _STRING:  # the hot loop of a 262k-token vocabulary: kept to the bare minimum
+            buf, pos, size, length = self.buf, self.pos, self.size, _U64.unpack_from
+            add = distinct.add if distinct is not None else None
             for _ in range(count):
-                n = self.take("Q")
-                self.pos += n
-                if self.pos > self.size:
+                if pos + 8 > size:
                     raise TruncatedHeader
+                start = pos + 8
+                pos = start + length(buf, pos)[0]
+                if add is not None:  # llama.cpp reads these as C strings: text after a NUL does not count
+                    add(buf[start:pos].partition(b"\0")[0])
+            if pos > size:
+                raise TruncatedHeader
+            self.pos = pos
         elif etype == _ARRAY:
             for _ in range(count):
                 self.skip_array()
@@ -287,6 +299,7 @@ def parse_header(path: Path, buf: Any, size: int) -> Header:
     metadata: dict[str, Any] = {}
     types: dict[str, int] = {}
     arrays: dict[str, int] = {}
+    duplicate_tokens = 0
     for _ in range(n_kv):
         key = r.string()
         vtype = r.take("I")
@@ -295,6 +308,10 @@ def parse_header(path: Path, buf: Any, size: int) -> Header:
             metadata[key] = r.take(_SCALARS[vtype])
         elif vtype == _STRING:
             metadata[key] = r.string()
+        elif vtype == _ARRAY and key == "tokenizer.ggml.tokens":
+            distinct: set[bytes] = set()
+            arrays[key] = r.skip_array(distinct)
+            duplicate_tokens = arrays[key] - len(distinct)  # llama.cpp asserts (aborts) on a repeated token
         elif vtype == _ARRAY:
             arrays[key] = r.skip_array()
         else:
@@ -319,7 +336,7 @@ def parse_header(path: Path, buf: Any, size: int) -> Header:
     if alignment < 1 or alignment & (alignment - 1):  # llama.cpp refuses these too; here they would misplace data
         raise ValueError(f"general.alignment {alignment} is not a power of two")
     data_start = (r.pos + alignment - 1) // alignment * alignment
-    return Header(path, size, metadata, types, arrays, tensors, data_start)
+    return Header(path, size, metadata, types, arrays, tensors, data_start, duplicate_tokens)
 
 
 # --- the base model -------------------------------------------------------------------------

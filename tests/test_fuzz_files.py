@@ -47,7 +47,9 @@ def mutate(data: bytes, ops, header_bytes: int) -> bytes:
     """Apply ``ops`` at offsets inside the first ``header_bytes`` (where the parsers look)."""
     buf = bytearray(data)
     for op, where, value in ops:
-        at = where % max(1, min(header_bytes, len(buf)))
+        if not buf:
+            break
+        at = where % min(header_bytes, len(buf))
         if op == "flip":
             buf[at] ^= 1 << value
         elif op == "byte":
@@ -128,7 +130,8 @@ LOADER = textwrap.dedent("""
 def load_in_a_child(*args: str) -> None:
     """Load (and decode two tokens) in a child: it may refuse, it may not die by a signal."""
     r = subprocess.run([sys.executable, "-c", LOADER, *args], capture_output=True, text=True, timeout=120)
-    assert r.returncode >= 0, f"llama.cpp died by signal {-r.returncode} on {args}: {r.stderr[-800:]}"
+    why = [line for line in r.stderr.splitlines() if "GGML_ASSERT" in line or "error" in line.lower()][:3]
+    assert r.returncode >= 0, f"llama.cpp died by signal {-r.returncode} on {args}: {why}"
     assert r.returncode == 0, f"unexpected failure on {args}: {r.stderr[-800:]}"
 
 
@@ -207,7 +210,7 @@ def test_fuzz_weight_file_readers_fast(kind, originals, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_fuzz_weight_file_readers_long(kind, originals, tmp_path):
-    _run(kind, originals, tmp_path, LONG, Budget(40))
+    _run(kind, originals, tmp_path, LONG, Budget(15))
 
 
 @pytest.mark.parametrize("alpha", ["8", [8], True, float("nan"), -1e309, {"a": 1}])

@@ -82,6 +82,11 @@ def check_model_file(path: str | os.PathLike[str]) -> GGUFHeader:
         )
     if "tokenizer.ggml.model" not in header.metadata or "tokenizer.ggml.tokens" not in header.array_lengths:
         raise ModelError(f"{where}: the file has no tokenizer", "convert the model again including its tokenizer")
+    if header.duplicate_tokens:
+        raise ModelError(
+            f"{where}: tokenizer.ggml.tokens lists {header.duplicate_tokens} token(s) twice (llama.cpp would abort)",
+            "the file is damaged; download or convert it again",
+        )
     end = header.data_end
     if end > header.file_size:
         missing = end - header.file_size
