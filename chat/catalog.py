@@ -9,11 +9,23 @@ each card comes from and what it shadows.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from chat.errors import PersonaError
-from chat.persona import CARD_FILE, LoadedCard, Persona, mix_personas, parse_mix, read_card, resolve_card, suggest_names
+from chat.persona import (
+    CARD_FILE,
+    LoadedCard,
+    Persona,
+    looks_like_path,
+    mix_personas,
+    parse_mix,
+    read_card,
+    resolve_card,
+    suggest_names,
+)
+from chat.tomlfile import quote, user_path
 
 BUILTIN_PLUGIN = "chat_personas"
 
@@ -32,7 +44,7 @@ class PersonaCatalog:
     def __init__(self, user_dir: Path | None) -> None:
         self.user_dir = user_dir
         self._entries: dict[str, CatalogEntry] | None = None
-        self._cache: dict[Path, LoadedCard] = {}
+        self._cache: dict[str, LoadedCard] = {}
 
     def entries(self) -> dict[str, CatalogEntry]:
         if self._entries is None:
@@ -68,16 +80,17 @@ class PersonaCatalog:
 
     def load(self, name_or_path: str) -> LoadedCard:
         """A validated card by name, or by path when the argument names a folder or persona.toml."""
-        path = Path(name_or_path).expanduser()
-        if _is_path(name_or_path) or (path.exists() and (path / CARD_FILE).exists()):
+        path = user_path(name_or_path, PersonaError, "persona")
+        if looks_like_path(name_or_path) or os.path.exists(path / CARD_FILE):
             return self._read(path, "path")
         entry = self.entries().get(name_or_path)
         if entry is None:
-            raise PersonaError(f"unknown persona {name_or_path!r}", suggest_names(name_or_path, self.names()))
+            raise PersonaError(f"unknown persona {quote(name_or_path)}", suggest_names(name_or_path, self.names()))
         return self._read(entry.folder, entry.source)
 
     def _read(self, folder: Path, source: str) -> LoadedCard:
-        key = folder.resolve()
+        """Each card folder is read once per catalog: ``extends`` and mixes reach the same card many times."""
+        key = os.path.realpath(folder)
         if key not in self._cache:
             self._cache[key] = read_card(folder, source)
         return self._cache[key]
@@ -95,7 +108,3 @@ class PersonaCatalog:
     def reload(self) -> None:
         self._entries = None
         self._cache.clear()
-
-
-def _is_path(text: str) -> bool:
-    return "/" in text or "\\" in text or text.startswith(".") or text.endswith(".toml")

@@ -8,7 +8,6 @@ Directories come from platformdirs and can be moved with ``CHAT_CONFIG_DIR`` and
 from __future__ import annotations
 
 import os
-import tomllib
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chat.errors import ConfigError
+from chat.tomlfile import quote, read_toml, shorten
 
 APP = "chat"
 
@@ -91,18 +91,23 @@ class Paths:
 
 
 def load_config(paths: Paths) -> ConfigFile:
+    """The user's ``config.toml`` (defaults when there is none); any problem is one ConfigError naming the key."""
     file = paths.config_file
-    if not file.is_file():
+    if not os.path.lexists(file):
         return ConfigFile()
+    data = read_toml(file, ConfigError, "fix the file or move it away")
     try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
         return ConfigFile.model_validate(data)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: not valid TOML: {exc}", "fix the file or move it away") from None
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{file}: {loc}: {err['msg']}", "see README's Configuration section") from None
+        raise _config_error(file, exc.errors()[0]) from None
+
+
+def _config_error(file: Path, err: Any) -> ConfigError:
+    """One pydantic error as one line, keys and values from the file cut short."""
+    loc = ".".join(str(p) if isinstance(p, int) else shorten(str(p), 40) for p in err["loc"])
+    msg = shorten(err["msg"], 160)
+    got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {quote(err.get('input'))})"
+    return ConfigError(f"{file}: {loc}: {msg}{got}", "see README's Configuration section")
 
 
 def model_entry(config: ConfigFile, name: str) -> ModelEntry | None:

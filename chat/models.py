@@ -8,7 +8,7 @@ from pathlib import Path
 
 from chat.backend import Backend, BackendOptions
 from chat.config import ConfigFile, Paths, model_entry
-from chat.errors import ModelError, NoModelError, UsageError
+from chat.errors import ConfigError, ModelError, NoModelError, UsageError
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ def how_to_get_a_model(paths: Paths) -> str:
 
 
 def choose_model(spec: str | None, config: ConfigFile, paths: Paths, backend: str | None = None) -> ModelChoice:
+    """The model to load: an alias from the config, a path, or a name a backend claims (a hub id, ``scripted``)."""
+    from chat.tomlfile import quote, shorten, user_path
+
+    origin = "-m" if spec else "CHAT_MODEL" if os.environ.get("CHAT_MODEL") else f"{paths.config_file}: default_model"
     spec = spec or os.environ.get("CHAT_MODEL") or config.default_model
     if not spec:
         raise NoModelError("no model given and none configured", how_to_get_a_model(paths))
@@ -35,13 +39,17 @@ def choose_model(spec: str | None, config: ConfigFile, paths: Paths, backend: st
     if entry is not None:
         opts = {k: v for k, v in (("context_size", entry.context_size), ("gpu_layers", entry.gpu_layers)) if v is not None}
         if entry.template:
-            opts.update(template=entry.template, template_origin=f"config models.{spec}")
-        return ModelChoice(spec, str(Path(entry.path).expanduser()), backend or entry.backend, spec, opts)
-    path = Path(spec).expanduser()
-    if not path.exists() and not _looks_like_id(spec) and not _claimed_by_backend(spec):
-        aliases = ", ".join(sorted(config.models)) or "none configured"
-        raise ModelError(f"{spec}: no such model file or alias (aliases: {aliases})", how_to_get_a_model(paths))
-    return ModelChoice(spec, str(path) if path.exists() else spec, backend, path.name if path.exists() else spec, {})
+            opts.update(template=entry.template, template_origin=f"config models.{shorten(spec, 40)}")
+        location = user_path(entry.path, ConfigError, f"{paths.config_file}: models.{shorten(spec, 40)}.path")
+        return ModelChoice(spec, str(location), backend or entry.backend, spec, opts)
+    path = user_path(spec, UsageError if origin == "-m" else ConfigError, origin)
+    if not os.path.exists(path) and not _looks_like_id(spec) and not _claimed_by_backend(spec):
+        names = sorted(config.models)
+        aliases = ", ".join([shorten(a, 40) for a in names[:20]] + ["…"] * (len(names) > 20)) or "none configured"
+        raise ModelError(f"{quote(spec)}: no such model file or alias (aliases: {aliases})", how_to_get_a_model(paths))
+    if os.path.exists(path):
+        return ModelChoice(spec, str(path), backend, path.name, {})
+    return ModelChoice(spec, spec, backend, spec, {})
 
 
 def _claimed_by_backend(spec: str) -> bool:

@@ -9,8 +9,8 @@ mixes combined — that the session hands to a backend.
 from __future__ import annotations
 
 import difflib
+import os
 import re
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from chat.errors import PersonaError, SamplingError
+from chat.tomlfile import quote, read_toml, shorten, user_path
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,16 @@ NO_PERSONA = Persona(name="default", source="built-in")
 
 
 CARD_FILE = "persona.toml"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_NAME_CHARS = 64
+# \Z, not $: "$" also matches before a final newline, which let "evil\n" through.
+NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME_CHARS - 1}}}\Z")
+NAME_RULE = f"use letters, digits, '-', '_' or '.', starting with a letter or digit (at most {MAX_NAME_CHARS})"
+MAX_EXTENDS_DEPTH = 64  # cards in one line of `extends`; real cards use two or three
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether ``name`` can name a card (and so a folder, a mix part and a history label)."""
+    return NAME_RE.match(name) is not None
 
 
 class _Strict(BaseModel):
@@ -159,8 +169,8 @@ class Card(_Strict):
     @field_validator("name")
     @classmethod
     def _name_is_simple(cls, v: str) -> str:
-        if not NAME_RE.match(v) or ":" in v or "," in v:
-            raise ValueError("use letters, digits, '-', '_' or '.', starting with a letter or digit")
+        if not is_valid_name(v):
+            raise ValueError(NAME_RULE)
         return v
 
 
@@ -179,19 +189,11 @@ class LoadedCard:
 
 def read_card(folder: Path, source: str = "path") -> LoadedCard:
     """Read and validate ``folder/persona.toml``; every problem becomes one PersonaError naming file and field."""
-    folder = Path(folder)
-    if folder.name == CARD_FILE:
-        folder = folder.parent
-    file = folder / CARD_FILE
-    if not file.is_file():
-        raise PersonaError(f"{file}: no such card file", "a card is a folder holding persona.toml (`chat personas new NAME`)")
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise PersonaError(f"{file}: not UTF-8 text", "save the card as UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PersonaError(f"{file}: invalid TOML: {exc}", "fix the syntax at that line") from None
-    data.setdefault("name", folder.resolve().name)
+    return _validated(*_card_data(folder), source)
+
+
+def _validated(folder: Path, file: Path, data: dict[str, Any], source: str) -> LoadedCard:
+    """The card in ``data`` checked field by field, part paths and template included; the first problem raised."""
     try:
         card = Card.model_validate(data)
     except ValidationError as exc:
@@ -201,7 +203,31 @@ def read_card(folder: Path, source: str = "path") -> LoadedCard:
         for i, entry in enumerate(entries):
             _card_part_path(file, folder, kind, i, entry.path)
     _card_template(file, folder, card.template)
-    return LoadedCard(card, folder.resolve(), source)
+    return LoadedCard(card, _resolved(file, folder), source)
+
+
+def _card_data(folder: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """(card folder, its persona.toml, the parsed TOML with ``name`` defaulting to the folder's name)."""
+    folder = user_path(str(folder), PersonaError, "card path")
+    if folder.name == CARD_FILE:
+        folder = folder.parent
+    file = folder / CARD_FILE
+    if not os.path.lexists(file):
+        raise PersonaError(
+            f"{file}: no such card file", "a card is a folder holding persona.toml (`chat personas new NAME`)"
+        )
+    data = read_toml(file, PersonaError, "fix the card's syntax at that place")
+    data.setdefault("name", _resolved(file, folder).name)
+    return folder, file, data
+
+
+def _resolved(file: Path, path: Path) -> Path:
+    """``path.resolve()``, with a symlink loop or an unreadable folder as one PersonaError."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: pathlib's "Symlink loop"
+        why = shorten(str(exc))
+        raise PersonaError(f"{file}: cannot resolve {quote(str(path))}: {why}", "check the path") from None
 
 
 def _card_template(file: Path, folder: Path, raw: str) -> str:
@@ -210,54 +236,47 @@ def _card_template(file: Path, folder: Path, raw: str) -> str:
 
     if not raw or raw in known_templates():
         return raw
-    p = Path(raw).expanduser()
-    resolved = p.resolve() if p.is_absolute() else (folder / p).resolve()
-    if not p.is_absolute() and not resolved.is_relative_to(folder.resolve()):
-        raise PersonaError(f"{file}: template {raw!r} points outside the card folder", "keep the template file inside the card folder")
-    if not resolved.is_file():
+    p = user_path(raw, PersonaError, f"{file}: template")
+    resolved = _resolved(file, p if p.is_absolute() else folder / p)
+    if not p.is_absolute() and not resolved.is_relative_to(_resolved(file, folder)):
         raise PersonaError(
-            f"{file}: template {raw!r}: neither a known template nor a file",
+            f"{file}: template {quote(raw)} points outside the card folder",
+            "keep the template file inside the card folder",
+        )
+    if not _is_file(resolved):
+        raise PersonaError(
+            f"{file}: template {quote(raw)}: neither a known template nor a file",
             f"known templates: {', '.join(known_templates())}; or a Jinja file relative to the card folder",
         )
     return str(resolved)
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, where a file the system will not stat (permissions, loops) counts as absent."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, where a path the system will not stat counts as absent."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def card_problems(folder: Path, lookup: Callable[[str], LoadedCard]) -> list[PersonaError]:
     """Every problem in a card, not only the first (``chat personas validate``); [] when it is fine."""
-    folder = Path(folder)
-    if folder.name == CARD_FILE:
-        folder = folder.parent
-    file = folder / CARD_FILE
     try:
-        loaded = read_card(folder)
+        folder, file, data = _card_data(folder)
+    except PersonaError as exc:  # missing, unreadable or not TOML: the first problem is the only one we can know
+        return [exc]
+    try:
+        loaded = _validated(folder, file, data, "path")
     except PersonaError as first:
-        try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
-        except Exception:  # missing, unreadable or not TOML: the first problem is the only one we can know
-            return [first]
-        data.setdefault("name", folder.resolve().name)
-        problems: list[PersonaError] = []
-        try:
-            card = Card.model_validate(data)
-        except ValidationError as exc:
-            problems += [_card_error_entry(file, err) for err in exc.errors()]
-            card = Card.model_construct(**{k: v for k, v in data.items() if k in Card.model_fields})
-        checks: list[Callable[[], object]] = [lambda: _check_card_sampling(file, card)]
-        for kind in ("adapters", "steering"):
-            for i, entry in enumerate(getattr(card, kind, None) or []):
-                raw = entry.path if hasattr(entry, "path") else entry.get("path") if isinstance(entry, dict) else None
-                if isinstance(raw, str):
-                    checks.append(lambda kind=kind, i=i, raw=raw: _card_part_path(file, folder, kind, i, raw))
-        if isinstance(card.template, str):
-            checks.append(lambda: _card_template(file, folder, card.template))
-        for check in checks:
-            try:
-                check()
-            except PersonaError as exc:
-                problems.append(exc)
-            except Exception:  # a field of the wrong type already reported above
-                pass
-        return problems or [first]
+        return _every_problem(folder, file, data) or [first]
     try:
         resolve_card(loaded, lookup)
     except PersonaError as exc:
@@ -265,23 +284,54 @@ def card_problems(folder: Path, lookup: Callable[[str], LoadedCard]) -> list[Per
     return []
 
 
+def _every_problem(folder: Path, file: Path, data: dict[str, Any]) -> list[PersonaError]:
+    """Each schema error, then each sampler, part-path and template problem that can still be checked."""
+    problems: list[PersonaError] = []
+    try:
+        card = Card.model_validate(data)
+    except ValidationError as exc:
+        problems += [_card_error_entry(file, err) for err in exc.errors()]
+        card = Card.model_construct(**{k: v for k, v in data.items() if k in Card.model_fields})
+    checks: list[Callable[[], object]] = [lambda: _check_card_sampling(file, card)]
+    for kind in ("adapters", "steering"):
+        entries = getattr(card, kind, None)
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            raw = entry.path if hasattr(entry, "path") else entry.get("path") if isinstance(entry, dict) else None
+            if isinstance(raw, str):
+                checks.append(lambda kind=kind, i=i, raw=raw: _card_part_path(file, folder, kind, i, raw))
+    if isinstance(card.template, str):
+        checks.append(lambda: _card_template(file, folder, card.template))
+    for check in checks:
+        try:
+            check()
+        except PersonaError as exc:
+            problems.append(exc)
+        except Exception:  # a field of the wrong type already reported above
+            pass
+    return problems
+
+
 def _card_error(file: Path, exc: ValidationError) -> PersonaError:
     return _card_error_entry(file, exc.errors()[0])
 
 
 def _card_error_entry(file: Path, err: Any) -> PersonaError:
+    """One pydantic error as one line; user data in it (keys, values) is quoted cut short."""
     loc = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
         known = sorted(Card.model_fields) if len(err["loc"]) == 1 else []
-        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        key = str(err["loc"][-1])
+        close = difflib.get_close_matches(key, known, n=1) if len(key) <= MAX_NAME_CHARS else []
         tip = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}" if known else "remove it"
-        return PersonaError(f"{file}: unknown field {loc!r}", tip)
+        return PersonaError(f"{file}: unknown field {quote(loc)}", tip)
     if kind == "missing":
-        return PersonaError(f"{file}: field {loc!r} is required", "add it to the card")
+        return PersonaError(f"{file}: field {quote(loc)} is required", "add it to the card")
     got = err.get("input")
-    msg = err["msg"].removeprefix("Value error, ")
-    return PersonaError(f"{file}: field {loc!r}: {msg} (got {got!r})", "see README's card contract for the field's type")
+    msg = shorten(err["msg"].removeprefix("Value error, "), 160)
+    return PersonaError(
+        f"{file}: field {quote(loc)}: {msg} (got {quote(got)})", "see README's card contract for the field's type"
+    )
 
 
 def _check_card_sampling(file: Path, card: Card) -> None:
@@ -298,52 +348,110 @@ def _check_card_sampling(file: Path, card: Card) -> None:
         field = ".".join(str(p) for p in err["loc"])
         info = SamplerSettings.model_fields.get(str(err["loc"][0])) if err["loc"] else None
         raise PersonaError(
-            f"{file}: [sampling] {field} = {err.get('input')!r}: {err['msg']}",
+            f"{file}: [sampling] {shorten(field, 40)} = {quote(err.get('input'))}: {shorten(err['msg'], 160)}",
             f"allowed: {info.description}" if info and info.description else None,
         ) from None
 
 
 def _card_part_path(file: Path, folder: Path, kind: str, index: int, raw: str) -> Path:
     """Resolve a part path: relative paths must stay inside the card folder; absolute ones are the user's call."""
-    p = Path(raw).expanduser()
+    p = user_path(raw, PersonaError, f"{file}: {kind}[{index}].path")
     if p.is_absolute():
-        resolved = p.resolve()
+        resolved = _resolved(file, p)
     else:
-        resolved = (folder / p).resolve()
-        if not resolved.is_relative_to(folder.resolve()):
+        resolved = _resolved(file, folder / p)
+        if not resolved.is_relative_to(_resolved(file, folder)):
             raise PersonaError(
-                f"{file}: {kind}[{index}].path {raw!r} points outside the card folder",
+                f"{file}: {kind}[{index}].path {quote(raw)} points outside the card folder",
                 "keep adapter files inside the card folder, or write an absolute path if you mean it",
             )
-    if not resolved.exists():
-        raise PersonaError(f"{file}: {kind}[{index}].path {raw!r}: no such file ({resolved})", "check the path; it is relative to the card folder")
+    if not _exists(resolved):
+        raise PersonaError(
+            f"{file}: {kind}[{index}].path {quote(raw)}: no such file ({quote(str(resolved))})",
+            "check the path; it is relative to the card folder",
+        )
     return resolved
 
 
 # --- resolution: extends and mixing ---------------------------------------------------------
 
 
-def resolve_card(
-    loaded: LoadedCard, lookup: Callable[[str], LoadedCard], _chain: tuple[tuple[Path, str], ...] = ()
-) -> Persona:
+def resolve_card(loaded: LoadedCard, lookup: Callable[[str], LoadedCard]) -> Persona:
     """Apply ``extends`` (parents first, in listed order) and return the resolved Persona.
 
     Merge rules: text fields (description, greeting, system) come from the nearest card
     that sets them; examples and knowledge are the parents' followed by the card's own;
     sampling keys are merged with the card winning; adapters and steering are united,
     an entry for the same file replacing the parent's.
+
+    Each card is applied once, in the order of a depth-first walk that puts every card after
+    its parents: a card reached through two parents (a diamond) counts once, at its first
+    place, so resolution is linear in the number of cards, never exponential.
     """
+    persona = Persona(name=loaded.card.name)
+    for card in extends_order(loaded, lookup):
+        persona = _inherit(persona, _own_parts(card))
+    return persona
+
+
+def extends_order(loaded: LoadedCard, lookup: Callable[[str], LoadedCard]) -> list[LoadedCard]:
+    """``loaded`` and every card it extends, parents before children, each card once (told apart by folder)."""
+    order: list[LoadedCard] = []
+    _visit(loaded, lookup, (), set(), order)
+    return order
+
+
+def _visit(
+    loaded: LoadedCard,
+    lookup: Callable[[str], LoadedCard],
+    chain: tuple[LoadedCard, ...],
+    done: set[Path],
+    order: list[LoadedCard],
+) -> None:
+    chain = (*chain, loaded)
+    if len(chain) > MAX_EXTENDS_DEPTH:
+        raise PersonaError(
+            f"{loaded.file}: extends is more than {MAX_EXTENDS_DEPTH} cards deep: {_chain_text(chain)}",
+            "let a card extend its ancestors directly instead of through a long line of cards",
+        )
+    for i, entry in enumerate(loaded.card.extends):
+        parent = lookup(_extends_target(loaded, i, entry))
+        if any(c.folder == parent.folder for c in chain):
+            cycle = _chain_text((*chain, parent))
+            raise PersonaError(f"{loaded.file}: extends forms a cycle: {cycle}", f"remove {quote(entry)} from extends")
+        if parent.folder not in done:
+            _visit(parent, lookup, chain, done, order)
+    done.add(loaded.folder)
+    order.append(loaded)
+
+
+def _extends_target(loaded: LoadedCard, index: int, entry: str) -> str:
+    """What to look up for one ``extends`` entry: a card name as it is; a path made absolute from the card's folder."""
+    if not entry.strip():
+        raise PersonaError(f"{loaded.file}: extends[{index}] is empty", "name a card, or a path to its folder")
+    path = user_path(entry, PersonaError, f"{loaded.file}: extends[{index}]")
+    if not looks_like_path(entry):
+        return entry
+    return str(path if path.is_absolute() else loaded.folder / path)
+
+
+def looks_like_path(text: str) -> bool:
+    """``./card``, ``../base``, ``a/b``, ``card.toml``: a path, not a card name."""
+    return "/" in text or "\\" in text or text.startswith(".") or text.endswith(".toml")
+
+
+def _chain_text(chain: Sequence[LoadedCard]) -> str:
+    """``a → b → c``; a long chain keeps its first and last cards."""
+    names = [c.card.name for c in chain]
+    if len(names) > 8:
+        names = [*names[:3], "…", *names[-3:]]
+    return " → ".join(names)
+
+
+def _own_parts(loaded: LoadedCard) -> Persona:
+    """One card's own parts, nothing inherited; part paths made absolute."""
     card = loaded.card
-    chain = _chain + ((loaded.folder, card.name),)  # cards are told apart by folder: names and paths both reach them
-    base = Persona(name=card.name)
-    for parent_name in card.extends:
-        parent_card = lookup(parent_name)
-        if any(folder == parent_card.folder for folder, _ in chain):
-            cycle = " → ".join([name for _, name in chain] + [parent_card.card.name])
-            raise PersonaError(f"{loaded.file}: extends forms a cycle: {cycle}", f"remove {parent_name!r} from extends")
-        parent = resolve_card(parent_card, lookup, chain)
-        base = _inherit(base, parent)
-    own = Persona(
+    return Persona(
         name=card.name,
         description=card.description,
         greeting=card.greeting,
@@ -363,7 +471,6 @@ def resolve_card(
         path=loaded.folder,
         template=_card_template(loaded.file, loaded.folder, card.template),
     )
-    return _inherit(base, own, child_wins=True)
 
 
 def _inherit(parent: Persona, child: Persona, child_wins: bool = True) -> Persona:
@@ -400,9 +507,15 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
         try:
             w = float(weight)
         except ValueError:
-            raise PersonaError(f"persona mix {spec!r}: weight {weight!r} of {name!r} is not a number", "write NAME:WEIGHT, e.g. teacher:0.7,pirate:0.3") from None
+            raise PersonaError(
+                f"persona mix {quote(spec)}: weight {quote(weight)} of {quote(name)} is not a number",
+                "write NAME:WEIGHT, e.g. teacher:0.7,pirate:0.3",
+            ) from None
         if not (-10.0 <= w <= 10.0):
-            raise PersonaError(f"persona mix {spec!r}: weight {w} of {name!r} is out of range", "weights lie between -10 and 10")
+            raise PersonaError(
+                f"persona mix {quote(spec)}: weight {w} of {quote(name)} is out of range",
+                "weights lie between -10 and 10",
+            )
         out.append((name, w))
     if not out:
         raise PersonaError("empty persona name", "e.g. --persona teacher")

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import difflib
-import tomllib
 from typing import Any
 
 from chat.config import Paths
 from chat.errors import SamplingError
 from chat.sampling import BUILTIN_PRESETS, normalize_layer
+from chat.tomlfile import quote, read_toml
 
 
 def user_presets(paths: Paths | None = None) -> dict[str, dict[str, Any]]:
+    """``presets/NAME.toml`` files by name; a broken one is one SamplingError naming the file."""
     folder = (paths or Paths()).presets_dir
     out: dict[str, dict[str, Any]] = {}
     if folder.is_dir():
         for file in sorted(folder.glob("*.toml")):
-            try:
-                out[file.stem] = tomllib.loads(file.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-                raise SamplingError(f"{file}: not valid TOML: {exc}", "fix the preset file") from None
+            out[file.stem] = read_toml(file, SamplingError, "fix the preset file, or move it away")
     return out
 
 
@@ -30,11 +28,12 @@ def all_presets(paths: Paths | None = None) -> dict[str, tuple[dict[str, Any], s
 
 
 def load_preset(name: str, paths: Paths | None = None) -> dict[str, Any]:
+    """A preset's settings, checked key by key (values are checked when the layers are merged)."""
     presets = all_presets(paths)
     if name not in presets:
-        close = difflib.get_close_matches(name, list(presets), n=1)
+        close = difflib.get_close_matches(name, list(presets), n=1) if len(name) <= 255 else []
         tip = f"did you mean {close[0]!r}? " if close else ""
-        raise SamplingError(f"unknown preset {name!r}", f"{tip}known presets: {', '.join(sorted(presets))}")
+        raise SamplingError(f"unknown preset {quote(name)}", f"{tip}known presets: {', '.join(sorted(presets))}")
     values, _ = presets[name]
-    normalize_layer(values, source=f"preset {name}")
+    normalize_layer(values, source=f"preset {name}")  # a user preset's name is a file name: short
     return dict(values)

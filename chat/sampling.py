@@ -338,6 +338,8 @@ def _check_order_keeps_set_stages(settings: SamplerSettings, sources: Mapping[st
 
 def _place_stages_with_params(merged: dict[str, Any], sources: dict[str, str]) -> None:
     """Put plugin stages that have parameters into the default order; refuse them missing from a set one."""
+    if not isinstance(merged.get("order", DEFAULT_ORDER), (list, tuple)):
+        return  # a file's `order = 1.5`: SamplerSettings names the bad value
     order = tuple(merged.get("order", DEFAULT_ORDER))
     missing = [st for st in merged.get("stage_params", {}) if st not in order]
     if not missing:
@@ -345,9 +347,10 @@ def _place_stages_with_params(merged: dict[str, Any], sources: dict[str, str]) -
     first = missing[0]
     by = next((v for k, v in sources.items() if k.startswith(f"{first}.")), "settings")
     if "order" in merged:
+        example = shorten(",".join(map(str, (first, *order))))
         raise SamplingError(
             f"{by}: {first!r} has parameters, but order (set by {sources.get('order', 'settings')}) does not include it",
-            f"add {first!r} to order (e.g. -o order={','.join((first, *order))}) or remove its parameters",
+            f"add {first!r} to order (e.g. -o order={example}) or remove its parameters",
         )
     merged["order"] = (*missing, *order)
     sources["order"] = f"auto: {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} parameters ({by})"
@@ -364,7 +367,8 @@ def _check_stage_params(settings: SamplerSettings, sources: Mapping[str, str]) -
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"])
             raise SamplingError(
-                f"{sources.get(f'{stage}.{field}', 'settings')}: {stage}.{shorten(field, 40)}: {shorten(err['msg'], 160)}",
+                f"{sources.get(f'{stage}.{field}', 'settings')}: {stage}.{shorten(field, 40)}: "
+                f"{shorten(err['msg'], 160)}",
                 f"see `chat samplers` for {stage}'s parameters",
             ) from None
 

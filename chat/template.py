@@ -278,7 +278,7 @@ class RenderBudget:
         self.steps += n
         if self.steps > MAX_RENDER_STEPS:
             raise TemplateBoundError(f"the template takes more than {MAX_RENDER_STEPS:,} steps")
-        if not self.steps & 1023 and time.monotonic() > self.deadline:
+        if time.monotonic() > self.deadline:
             raise TemplateBoundError(f"the template takes longer than {MAX_RENDER_S:g} s to render")
 
     def output(self, n: int) -> None:
@@ -305,15 +305,53 @@ def _size(value: Any) -> int:
     return 0
 
 
+def _bounded_filter(fn: Any) -> Any:
+    """A filter that costs a step, takes no huge number and returns nothing over MAX_SIZE."""
+    import functools
+
+    @functools.wraps(fn)  # keeps jinja's pass_context/pass_environment marks
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _spend()
+        for value in (*args[1:], *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:
+                raise TemplateBoundError(f"the template passes {value} to a filter")
+        result = fn(*args, **kwargs)
+        if isinstance(result, (str, list, tuple)) and len(result) > MAX_SIZE:
+            raise TemplateBoundError("the template builds a huge value")
+        return result
+
+    return bounded
+
+
 def _environment() -> Any:
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from jinja2.compiler import CodeGenerator
+
+    class BoundedCodeGenerator(CodeGenerator):
+        """``a ~ b`` goes through :meth:`BoundedEnvironment.bounded_concat` (Jinja joins strings directly)."""
+
+        def visit_Concat(self, node: Any, frame: Any) -> None:
+            self.write("environment.bounded_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
 
     class BoundedEnvironment(ImmutableSandboxedEnvironment):
         """The sandbox, plus bounds: every call, attribute and operation costs a step; none may build a huge value."""
 
         intercepted_binops = frozenset(["*", "**", "+", "//", "%"])
         intercepted_unops = frozenset()
+        code_generator_class = BoundedCodeGenerator
+
+        def bounded_concat(self, parts: Any) -> str:
+            _spend()
+            text = "".join(str(p) for p in parts)
+            if len(text) > MAX_SIZE:
+                raise TemplateBoundError("the template builds a huge value")
+            return text
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             _spend()
@@ -359,6 +397,7 @@ def _environment() -> Any:
         return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
 
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals["range"] = bounded_range
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -148,16 +148,21 @@ assistant = "I'm {name}."
 def new(name: Annotated[str, typer.Argument(help="Name of the new card.")]) -> None:
     """Scaffold a card in your config dir, ready to edit."""
     with guard():
-        from chat.errors import UsageError
-        from chat.persona import NAME_RE
+        from chat.errors import ConfigError, UsageError
+        from chat.persona import NAME_RULE, is_valid_name
+        from chat.tomlfile import quote
 
-        if not NAME_RE.match(name) or ":" in name or "," in name:
-            raise UsageError(f"{name!r} is not a valid persona name", "use letters, digits, '-', '_' or '.'")
+        if not is_valid_name(name):
+            raise UsageError(f"{quote(name)} is not a valid persona name", NAME_RULE)
         app = AppContext()
         folder = app.paths.personas_dir / name
-        if (folder / "persona.toml").exists():
-            raise UsageError(f"{folder / 'persona.toml'} already exists", "edit it, or pick another name")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "persona.toml").write_text(TEMPLATE.format(name=name), encoding="utf-8")
+        try:
+            if (folder / "persona.toml").exists():
+                raise UsageError(f"{folder / 'persona.toml'} already exists", "edit it, or pick another name")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "persona.toml").write_text(TEMPLATE.format(name=name), encoding="utf-8")
+        except OSError as exc:  # a read-only config dir, a file where a folder should be
+            why = exc.strerror or exc
+            raise ConfigError(f"cannot write {folder / 'persona.toml'}: {why}", "check the config dir") from None
         echo(f"created {folder / 'persona.toml'}")
         echo(f"edit it, then: chat --persona {name}")
