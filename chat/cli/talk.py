@@ -100,7 +100,10 @@ def backend_options(config_backend: dict, flags: dict):
         key = str(err["loc"][0]) if err["loc"] else "?"
         flag = FLAG_NAMES.get(key, key)
         where = f"--{flag}" if key in flags else f"config [backend] {key}"
-        raise UsageError(f"{where} {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}", "see `chat --help`") from None
+        from chat.tomlfile import quote, shorten
+
+        raise UsageError(f"{shorten(where)} {quote(err.get('input'))}: {err['msg'].removeprefix('Value error, ')}",
+                         "see `chat --help`") from None
 
 
 FLAG_NAMES = {"context_size": "ctx", "gpu_layers": "gpu-layers", "kv_cache_bytes": "kv_cache_bytes"}
