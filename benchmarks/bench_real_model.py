@@ -86,7 +86,8 @@ def terminal_run(model: Path, env: dict, n_gen: int, bias: str, plain: bool) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?")
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=5, help="runs of the 128-token chat vs raw comparison")
+    ap.add_argument("--markdown-runs", type=int, default=3, help="runs of the 1000-token Markdown vs plain comparison")
     args = ap.parse_args()
     model = Path(args.model) if args.model else gemma()
     bias = ",".join(f"{t}:-1000" for t in end_of_generation_ids(model))
@@ -102,7 +103,7 @@ def main() -> None:
             raw_ttft.append(raw["ttft_s"])
             raw_tps.append(raw["tokens_per_s"])
         md, plain = [], []
-        for _ in range(args.runs):
+        for _ in range(args.markdown_runs):
             md.append(terminal_run(model, env, 1000, bias, plain=False))
             plain.append(terminal_run(model, env, 1000, bias, plain=True))
     m = statistics.median
