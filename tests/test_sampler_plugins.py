@@ -66,10 +66,7 @@ def runner(request):
         return
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    try:
-        from chat_plugins.transformers_backend import TransformersBackend
-    except ImportError as exc:
-        pytest.skip(f"the transformers backend is not importable yet: {exc}")
+    from chat_plugins.transformers_backend import TransformersBackend  # a failure to import is a failure
     b = TransformersBackend(str(request.getfixturevalue("tiny_hf_dir")), ONE_THREAD)
     r = Runner("transformers", b, lambda t: b.tokenizer.decode([t]), sorted(b.eos_ids), lambda: b.last_token_ids)
     yield r
