@@ -17,14 +17,17 @@ from typing import Any
 FENCE = re.compile(r"^\s{0,3}(`{3,}|~{3,})\s*([\w+#.-]*)")
 REFRESH_PER_SECOND = 8
 CODE_PIECE = 4  # complete lines of a code block are highlighted and printed in groups of this many
-
-
 BLOCK_START = re.compile(r"^(\s*)(\d+)([.)])|^(\s*)([-*+#>=|])")
 
 
 def _inline(text: str) -> str:
     """The rest of a line cut in two: escape what would make its start a list item, heading or quote."""
-    return BLOCK_START.sub(lambda m: f"{m.group(1)}{m.group(2)}\\{m.group(3)}" if m.group(2) else f"{m.group(4)}\\{m.group(5)}", text, count=1)
+    def escape(m: re.Match[str]) -> str:
+        if m.group(2):
+            return f"{m.group(1)}{m.group(2)}\\{m.group(3)}"  # "12." → "12\." is not an ordered list
+        return f"{m.group(4)}\\{m.group(5)}"
+
+    return BLOCK_START.sub(escape, text, count=1)
 
 
 class _Pending:
@@ -41,7 +44,8 @@ class _Pending:
         text = stream.pending
         if stream.fence:  # the unfinished lines of a code block: shown as code, highlighted once complete
             body = text.split("\n", 1)[1] if FENCE.match(text) else text
-            yield Syntax(body, "text", theme="monokai", word_wrap=True, padding=(0 if stream._continues else 1, 1, 0, 1))
+            top = 0 if stream._continues else 1
+            yield Syntax(body, "text", theme="monokai", word_wrap=True, padding=(top, 1, 0, 1))
         else:
             yield Markdown(text, code_theme="monokai")
 
