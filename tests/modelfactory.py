@@ -405,6 +405,16 @@ def _add_llama_hparams(w: gguf.GGUFWriter, cfg: TinyLlamaConfig, name: str) -> N
     w.add_vocab_size(cfg.vocab_size)
 
 
+def _gguf_layout(hf_name: str, arr: np.ndarray, cfg: "TinyLlamaConfig") -> tuple[str, np.ndarray]:
+    """A Hugging Face llama tensor as llama.cpp stores it: its GGUF name, f32, q/k rows permuted for rope."""
+    arr = np.asarray(arr, dtype=np.float32)
+    if hf_name.endswith("q_proj.weight"):
+        arr = permute_qk(arr, cfg.n_head)
+    elif hf_name.endswith("k_proj.weight"):
+        arr = permute_qk(arr, cfg.n_head_kv)
+    return _gguf_name(hf_name, cfg.n_layer), arr
+
+
 def _add_tokenizer(
     w: gguf.GGUFWriter, tokenizer_dir: PathLike, chat_template: str | None, pad_to: int | None = None
 ) -> None:
@@ -477,12 +487,7 @@ def write_gguf(
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(w, tokenizer_dir, chat_template)
     for hf_name, arr in weights.items():
-        arr = np.asarray(arr, dtype=np.float32)
-        if hf_name.endswith("q_proj.weight"):
-            arr = permute_qk(arr, cfg.n_head)
-        elif hf_name.endswith("k_proj.weight"):
-            arr = permute_qk(arr, cfg.n_head_kv)
-        name_ = _gguf_name(hf_name, cfg.n_layer)
+        name_, arr = _gguf_layout(hf_name, arr, cfg)
         if qtype == "q8_0" and arr.ndim == 2:
             q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
             w.add_tensor(name_, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
@@ -953,12 +958,7 @@ def write_gguf_variant(
     finally:
         gguf_logger.level = level
     for hf_name, arr in weights.items():
-        arr = np.asarray(arr, dtype=np.float32)
-        if hf_name.endswith("q_proj.weight"):
-            arr = permute_qk(arr, cfg.n_head)
-        elif hf_name.endswith("k_proj.weight"):
-            arr = permute_qk(arr, cfg.n_head_kv)
-        name = _gguf_name(hf_name, cfg.n_layer)
+        name, arr = _gguf_layout(hf_name, arr, cfg)
         kind = next((k for pat, k in (tensor_types or {}).items() if fnmatch.fnmatchcase(name, pat)), None)
         data, extra = _stored_as(arr, kind) if kind else (np.ascontiguousarray(arr), {})
         w.add_tensor(name, data, **extra)
