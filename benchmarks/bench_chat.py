@@ -74,11 +74,12 @@ def conversation_ttft(model: Path, threads: int, turns: int) -> list[float]:
     from chat.backend import BackendOptions
     from chat.catalog import PersonaCatalog
     from chat.plugins import get_registry
+    from chat.samplerlayers import SamplerLayers
     from chat.session import Session
 
     backend = get_registry().backends["llama.cpp"](str(model), BackendOptions(context_size=4096, threads=threads))
     catalog = PersonaCatalog(None)
-    session = Session(backend, catalog=catalog, persona=catalog.resolve("teacher"), flag_sampling={"temperature": "0", "max_tokens": "24"})
+    session = Session(backend, catalog=catalog, persona=catalog.resolve("teacher"), layers=SamplerLayers(flags={"temperature": "0", "max_tokens": "24"}))
     out = []
     for i in range(turns):
         for _ in session.send(f"Question {i}: {PROMPT}"):

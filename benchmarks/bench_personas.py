@@ -141,6 +141,7 @@ def cached_ttft(model: Path, adapters: list[Path], threads: int) -> None:
     """
     from chat.backend import BackendOptions, Message
     from chat.persona import AdapterPart, Persona
+    from chat.samplerlayers import SamplerLayers
     from chat.session import Session
     from chat_plugins.llamacpp import LlamaCppBackend
 
@@ -156,7 +157,7 @@ def cached_ttft(model: Path, adapters: list[Path], threads: int) -> None:
         pa = Persona("a", system=sa, examples=tuple(ea), adapters=(AdapterPart(adapters[0], 1.0),))
         pb = Persona("b", system=sb, examples=tuple(eb), adapters=(AdapterPart(adapters[1], 1.0),))
         prefix = count(sa, ea)
-        s = Session(b, persona=pa, flag_sampling={"temperature": "0", "max_tokens": "8"})
+        s = Session(b, persona=pa, layers=SamplerLayers(flags={"temperature": "0", "max_tokens": "8"}))
         for persona, q in ((pa, "First question?"), (pb, "Second question?"), (pa, "Third question?")):
             if new_conversation:
                 s.clear()

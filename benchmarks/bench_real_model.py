@@ -48,7 +48,7 @@ def end_of_generation_ids(model: Path) -> list[int]:
     from chat_plugins.llamacpp import LlamaCppBackend
 
     with LlamaCppBackend(str(model), BackendOptions(context_size=256, threads=THREADS)) as b:
-        return sorted({t for t in range(b.n_vocab) if b.is_eog(t)} | set(b._stop_ids))
+        return sorted({t for t in range(b.n_vocab) if b.is_eog(t)} | set(b.slot.stop_ids))
 
 
 def chat_run(model: Path, env: dict, n_gen: int, bias: str) -> dict:

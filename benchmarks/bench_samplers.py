@@ -95,7 +95,7 @@ def chain_cost_us(backend, settings, iterations: int = 200) -> float:
     chain.reset()
     for tok in backend.tokenize(PROMPT):
         chain.accept(tok)
-    return best_us(lambda: chain.sample(backend._ctx, -1), iterations)
+    return best_us(lambda: chain.sample(backend.slot.ctx, -1), iterations)
 
 
 def transformers_cost_us(n_vocab: int, iterations: int = 50) -> tuple[float, float] | None:

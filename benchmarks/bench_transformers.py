@@ -160,13 +160,14 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from chat.backend import BackendOptions, Message
+    from chat_plugins.transformers_backend.options import TransformersOptions
     from chat.persona import AdapterPart, Persona
     from chat.plugins import get_registry
     from chat.sampling import SamplerSettings
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
-    options = BackendOptions(threads=args.threads, context_size=4096, dtype="float32", device="cpu")
+    options = TransformersOptions(threads=args.threads, context_size=4096, dtype="float32", device="cpu")
     backend_class = get_registry().backends["transformers"]  # what `chat -m FOLDER` loads
     load = lambda: backend_class(str(model_dir), options)  # noqa: E731
 
@@ -225,7 +226,7 @@ def main() -> None:
                 t = time.perf_counter()
                 backend.apply(persona)
                 switch_s.append(time.perf_counter() - t)
-                activate_s.append(backend._loras.last_switch_s)  # the peft part of apply()
+                activate_s.append(backend.model.loras.last_switch_s)  # the peft part of apply()
         t = time.perf_counter()
         fresh = load()
         reload_s.append(time.perf_counter() - t)
@@ -267,6 +268,7 @@ def conversation_ttft(load, turns: int) -> tuple[list[float], list[float], list[
     from chat.backend import Message
     from chat.catalog import PersonaCatalog
     from chat.sampling import SamplerSettings
+    from chat.samplerlayers import SamplerLayers
     from chat.session import Session
 
     backend = load()
@@ -274,7 +276,7 @@ def conversation_ttft(load, turns: int) -> tuple[list[float], list[float], list[
     for _ in backend.stream([Message("user", "warm up")], SamplerSettings(temperature=0.0, max_tokens=4)):
         pass
     catalog = PersonaCatalog(None)
-    session = Session(backend, catalog=catalog, persona=catalog.resolve("teacher"), flag_sampling={"temperature": "0", "max_tokens": "24"})
+    session = Session(backend, catalog=catalog, persona=catalog.resolve("teacher"), layers=SamplerLayers(flags={"temperature": "0", "max_tokens": "24"}))
     out, prompt_s, reused = [], [], []
     for i in range(turns):
         for _ in session.send(f"Question {i}: {PROMPT}"):

@@ -13,18 +13,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chat.card import CARD_FILE, LoadedCard, looks_like_path, read_card
 from chat.errors import PersonaError
-from chat.persona import (
-    CARD_FILE,
-    LoadedCard,
-    Persona,
-    looks_like_path,
-    mix_personas,
-    parse_mix,
-    read_card,
-    resolve_card,
-    suggest_names,
-)
+from chat.persona import Persona, mix_personas, parse_mix, resolve_card, suggest_names
 from chat.tomlfile import quote, user_path
 
 BUILTIN_PLUGIN = "chat_personas"
@@ -104,7 +95,3 @@ class PersonaCatalog:
             ref = str(loaded.folder) if loaded.source == "path" else name
             refs.append(ref if weight == 1.0 and len(parse_mix(spec)) == 1 else f"{ref}:{weight:g}")
         return dataclasses.replace(mix_personas(parts), spec=",".join(refs))
-
-    def reload(self) -> None:
-        self._entries = None
-        self._cache.clear()

@@ -21,13 +21,20 @@ APP = "chat"
 
 
 class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """One ``[models]`` alias. Keys besides these are load options for its backend (``gpu_layers = -1``),
+    checked against that backend's ``Options`` when the model loads."""
+
+    model_config = ConfigDict(extra="allow")
 
     path: str = Field(description="a GGUF file, a Hugging Face model folder, or a model id")
     backend: str | None = None
-    context_size: int | None = None
-    gpu_layers: int | None = None
     template: str | None = Field(None, description="chat template: a well-known name or a Jinja file")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The load options this entry sets (template included)."""
+        extra = dict(self.model_extra or {})
+        return extra | ({"template": self.template} if self.template else {})
 
 
 class ConfigFile(BaseModel):
@@ -40,8 +47,13 @@ class ConfigFile(BaseModel):
     history: bool = True
     markdown: bool = Field(True, description="render answers as Markdown on a terminal (never in a pipe)")
     models: dict[str, str | ModelEntry] = Field(default_factory=dict)
-    backend: dict[str, Any] = Field(default_factory=dict)
+    backend: dict[str, Any] = Field(
+        default_factory=dict,
+        description="load options for every backend; a table named after a backend ([backend.transformers]) "
+        "holds options for that one only",
+    )
     sampling: dict[str, Any] = Field(default_factory=dict)
+    user_name: str = Field("User", max_length=200, description="your name in persona cards ({{user}}, <USER>)")
 
 
 class Paths:

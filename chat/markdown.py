@@ -22,6 +22,7 @@ BLOCK_START = re.compile(r"^(\s*)(\d+)([.)])|^(\s*)([-*+#>=|])")
 
 def _inline(text: str) -> str:
     """The rest of a line cut in two: escape what would make its start a list item, heading or quote."""
+
     def escape(m: re.Match[str]) -> str:
         if m.group(2):
             return f"{m.group(1)}{m.group(2)}\\{m.group(3)}"  # "12." → "12\." is not an ordered list
@@ -158,10 +159,15 @@ class MarkdownStream:
         if self._blocks and top:
             self.console.print()
         self._blocks += 1
-        self.console.print(Syntax(
-            code.rstrip("\n"), self._fence_lang or "text", theme="monokai", word_wrap=True,
-            padding=(1 if top else 0, 1, 1 if bottom else 0, 1),
-        ))
+        self.console.print(
+            Syntax(
+                code.rstrip("\n"),
+                self._fence_lang or "text",
+                theme="monokai",
+                word_wrap=True,
+                padding=(1 if top else 0, 1, 1 if bottom else 0, 1),
+            )
+        )
         self._continues = not bottom
 
     def _ensure_live(self) -> None:
@@ -169,8 +175,11 @@ class MarkdownStream:
             from rich.live import Live
 
             self._live = Live(
-                _Pending(self), console=self.console, refresh_per_second=REFRESH_PER_SECOND,
-                transient=True, vertical_overflow="crop",
+                _Pending(self),
+                console=self.console,
+                refresh_per_second=REFRESH_PER_SECOND,
+                transient=True,
+                vertical_overflow="crop",
             )
             self._live.start()  # it reads ``pending`` each time it draws: nothing to update per token
 

@@ -6,9 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from chat.backend import Backend, BackendOptions
+from chat.backend import Backend, BackendFactory, BackendOptions
 from chat.config import ConfigFile, Paths, model_entry
 from chat.errors import ConfigError, ModelError, NoModelError, UsageError
+from chat.load_options import options_class
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class ModelChoice:
 def how_to_get_a_model(paths: Paths) -> str:
     return (
         "download one with `chat models pull REPO FILE` (e.g. chat models pull Qwen/Qwen2.5-0.5B-Instruct-GGUF "
-        f"qwen2.5-0.5b-instruct-q4_k_m.gguf), pass `-m /path/to/model.gguf`, or set default_model in {paths.config_file}"
+        "qwen2.5-0.5b-instruct-q4_k_m.gguf), pass `-m /path/to/model.gguf`, "
+        f"or set default_model in {paths.config_file}"
     )
 
 
@@ -37,9 +39,9 @@ def choose_model(spec: str | None, config: ConfigFile, paths: Paths, backend: st
         raise NoModelError("no model given and none configured", how_to_get_a_model(paths))
     entry = model_entry(config, spec)
     if entry is not None:
-        opts = {k: v for k, v in (("context_size", entry.context_size), ("gpu_layers", entry.gpu_layers)) if v is not None}
+        opts = entry.options
         if entry.template:
-            opts.update(template=entry.template, template_origin=f"config models.{shorten(spec, 40)}")
+            opts["template_origin"] = f"config models.{shorten(spec, 40)}"
         location = user_path(entry.path, ConfigError, f"{paths.config_file}: models.{shorten(spec, 40)}.path")
         return ModelChoice(spec, str(location), backend or entry.backend, spec, opts)
     path = user_path(spec, UsageError if origin == "-m" else ConfigError, origin)
@@ -64,32 +66,44 @@ def _looks_like_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def load_backend(choice: ModelChoice, options: BackendOptions) -> Backend:
+def backend_class(choice: ModelChoice) -> type[BackendFactory]:
+    """The backend that loads ``choice``: the one ``--backend`` (or the config entry) names, else by the rule.
+
+    The rule (documented in chat.hookspecs): among the backends whose ``can_load`` claims the
+    model, the highest ``priority`` wins (0 when a class has none); a tie goes to the name that
+    sorts first. Registration order never decides.
+    """
     from chat.plugins import get_registry
 
     backends = get_registry().backends
+    installed = ", ".join(sorted(backends)) or "none"
     if choice.backend:
         cls = backends.get(choice.backend)
         if cls is None:
-            raise UsageError(f"unknown backend {choice.backend!r}", f"installed backends: {', '.join(sorted(backends)) or 'none'}")
-    else:
-        cls = next((c for c in backends.values() if c.can_load(choice.location)), None)
-        if cls is None:
-            if not backends:
-                raise ModelError("no backend plugin is installed", 'install one: pip install "chat[llamacpp]"')
-            raise ModelError(
-                f"{choice.location}: no installed backend can load this",
-                f"use a .gguf file (llama.cpp) or a Hugging Face model folder; installed backends: {', '.join(sorted(backends))}",
-            )
-    from_config = {k: v for k, v in choice.options.items() if k not in options.model_fields_set}
-    if "template" in options.model_fields_set:
-        from_config.pop("template_origin", None)  # --template given: it is the flag's choice
-    merged = options.model_copy(update=from_config)
+            raise UsageError(f"unknown backend {choice.backend!r}", f"installed backends: {installed}")
+        return cls
+    if not backends:
+        raise ModelError("no backend plugin is installed", 'install one: pip install "chat[llamacpp]"')
+    claims = [c for c in backends.values() if c.can_load(choice.location)]
+    if not claims:
+        raise ModelError(
+            f"{choice.location}: no installed backend can load this",
+            f"use a .gguf file (llama.cpp) or a Hugging Face model folder; installed backends: {installed}",
+        )
+    return min(claims, key=lambda c: (-getattr(c, "priority", 0), c.name))
+
+
+def load_backend(choice: ModelChoice, options: BackendOptions) -> Backend:
+    """Load ``choice`` with ``options`` (built for its backend by chat.load_options, or common ones converted)."""
+    cls = backend_class(choice)
     try:
-        return cls(choice.location, merged)
+        backend: Backend = cls(choice.location, options_class(cls).from_options(options))  # type: ignore[call-arg,assignment]
+        return backend
     except ModuleNotFoundError as exc:  # the plugin is installed, the library it drives is not
         hint = getattr(cls, "install_hint", None) or f"pip install {exc.name}"
-        raise ModelError(f"the {cls.name} backend needs the Python package {exc.name!r}, which is not installed", hint) from None
+        raise ModelError(
+            f"the {cls.name} backend needs the Python package {exc.name!r}, which is not installed", hint
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -124,7 +138,7 @@ def find_gguf_files(paths: Paths) -> list[FoundModel]:
 
 
 def pull(repo: str, filename: str, paths: Paths) -> Path:
-    """Download one GGUF file from the Hugging Face hub into the user's model dir (progress bar from huggingface_hub)."""
+    """Download one GGUF file from the Hugging Face hub into the user's model dir (huggingface_hub's progress bar)."""
     if not filename.endswith(".gguf"):
         raise UsageError(f"{filename}: not a .gguf file", "chat runs GGUF files; pick one from the repo's file list")
     from huggingface_hub import hf_hub_download
@@ -135,7 +149,9 @@ def pull(repo: str, filename: str, paths: Paths) -> Path:
         return Path(hf_hub_download(repo_id=repo, filename=filename, local_dir=target))
     except HfHubHTTPError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise ModelError(f"{repo}/{filename}: download failed: {first}", "check the repo and file names on huggingface.co") from None
+        raise ModelError(
+            f"{repo}/{filename}: download failed: {first}", "check the repo and file names on huggingface.co"
+        ) from None
     except (OSError, ValueError) as exc:  # offline, DNS, refused: huggingface_hub raises these families
         raise ModelError(
             f"{repo}/{filename}: cannot reach the Hugging Face hub ({exc.__class__.__name__})",

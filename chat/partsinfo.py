@@ -1,8 +1,9 @@
 """Describing a persona's parameter parts (adapters, control vectors) for listings.
 
-GGUF parts are described from their headers (:mod:`chat.gguf_parts`: milliseconds,
-no llama.cpp); given a base model, each part also says whether it fits it. PEFT
-folders are described from ``adapter_config.json``.
+Parts are read with the readers both backends use (:mod:`chat.parts`: GGUF headers in
+milliseconds, PEFT folders from their config and safetensors header, no llama.cpp or
+torch); given a base model, each part also says whether it fits it, in the words a
+backend would refuse it with.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from chat.persona import Persona
 
 
 def _size(path: Path) -> str:
-    from chat.gguf_parts import human_size
+    from chat.parts.files import human_size
 
     try:
         if path.is_dir():
@@ -45,20 +46,10 @@ def _fit(check, info, base, base_note: str | None) -> str:
 
 
 def _adapter_lines(path: Path, base, base_note: str | None) -> list[str]:
-    from chat.gguf_parts import check_lora, read_lora
-
     if path.is_dir():
-        from chat.convert.adapter import load_peft_config
-        from chat.errors import ChatError
+        return _peft_lines(path, base, base_note)
+    from chat.parts.lora import check_lora, read_lora
 
-        try:
-            cfg = load_peft_config(path)  # the reader both backends use: regular files only, every field checked
-        except ChatError as exc:
-            return [f"    unusable PEFT folder: {exc.message}"]
-        targets = cfg.get("target_modules") or []
-        targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
-        return [f"    PEFT LoRA: rank {cfg.get('r', '?')}, alpha {cfg.get('lora_alpha', '?')}, targets {targets}",
-                "    fit: checked when a transformers model loads it"]
     try:
         info = read_lora(path)
     except AdapterError as exc:
@@ -70,21 +61,37 @@ def _adapter_lines(path: Path, base, base_note: str | None) -> list[str]:
     ]
 
 
+def _peft_lines(path: Path, base, base_note: str | None) -> list[str]:
+    from chat.errors import ChatError
+    from chat.parts.peft import check_peft, read_peft
+
+    try:
+        info = read_peft(path)  # the reader both backends use: regular files only, every field checked
+    except ChatError as exc:
+        return [f"    unusable PEFT folder: {exc.message}"]
+    targets = info.config.get("target_modules") or []
+    targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
+    ranks = "/".join(map(str, info.ranks))
+    return [f"    PEFT LoRA: rank {ranks}, alpha {info.alpha:g}, {len(info.pairs)} modules, targets {targets}",
+            "    " + _fit(check_peft, info, base, base_note)]
+
+
 def _vector_lines(path: Path, base, base_note: str | None) -> list[str]:
-    from chat.gguf_parts import check_vector, read_vector
+    from chat.parts.vector import check_vector, read_vector
 
     try:
         info = read_vector(path)
     except AdapterError as exc:
         return [f"    unusable: {exc.message.removeprefix(str(path) + ': ')}"]
     hint = f", made for {info.model_hint}" if info.model_hint else ""
-    return [f"    control vector: width {info.n_embd}, {info.layer_text}{hint}", "    " + _fit(check_vector, info, base, base_note)]
+    return [f"    control vector: width {info.n_embd}, {info.layer_text}{hint}",
+            "    " + _fit(check_vector, info, base, base_note)]
 
 
 def describe_parts(persona: Persona, base=None, base_note: str | None = None, details: bool = False) -> list[str]:
     """Lines describing the persona's adapters and vectors.
 
-    ``base`` (a :class:`chat.gguf_parts.BaseModel`) adds whether each part fits it;
+    ``base`` (a :class:`chat.parts.shape.BaseShape`) adds whether each part fits it;
     ``details`` reads each part's header (rank, targets, layers) — without it only
     names, scales and sizes are listed, as ``/adapters`` does on backends that cannot say more.
     """

@@ -1,25 +1,35 @@
-"""Persona cards: loading, validation, ``extends`` and mixing.
+"""Personas: the resolved value every backend receives, ``extends`` and mixing.
 
-A card is a folder holding ``persona.toml`` (see README for the contract). Loading
-a card never runs anything from it: it is TOML validated by pydantic. A
-:class:`Persona` is the resolved value — ``extends`` applied, paths made absolute,
-mixes combined — that the session hands to a backend.
+A :class:`Persona` is the resolved value — ``extends`` applied, paths made absolute,
+mixes combined — that the session hands to a backend. Card files are read and
+validated by :mod:`chat.card`; its public names are importable from here too.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from chat.errors import PersonaError, SamplingError
-from chat.tomlfile import quote, read_toml, shorten, user_path
+from chat.card import (
+    CARD_FILE,
+    NAME_RULE,
+    Card,
+    LoadedCard,
+    card_data,
+    card_template,
+    every_problem,
+    is_valid_name,
+    looks_like_path,
+    part_path,
+    read_card,
+    validated_card,
+)
+from chat.errors import PersonaError
+from chat.knowledge.entry import KnowledgeItem
+from chat.tomlfile import quote, user_path
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,7 @@ class Persona:
     greeting: str = ""
     system: str = ""
     examples: tuple[Example, ...] = ()
-    knowledge: tuple[str, ...] = ()
+    knowledge: tuple[KnowledgeItem, ...] = ()
     sampling: dict[str, Any] = field(default_factory=dict)
     adapters: tuple[AdapterPart, ...] = ()
     steering: tuple[SteeringPart, ...] = ()
@@ -73,6 +83,29 @@ class Persona:
     mix: tuple[tuple[str, float], ...] = ()  # (card name, weight) for a mixed persona
     spec: str = ""  # how to find it again (`chat -c`): names, absolute card paths, weights
     template: str = ""  # a chat template: a well-known name or an absolute path to a Jinja file ("" = the model's)
+    # Character Card parts (chat.prompt assembles them; README "Importing cards")
+    nickname: str = ""
+    character_name: str = ""
+    character: tuple[tuple[str, str], ...] = ()  # (label, text): Description, Personality, Scenario
+    greetings: tuple[str, ...] = ()  # more greetings after `greeting`
+    post_history_instructions: str = ""
+    creator_notes: str = ""
+    token_budget: int | None = None
+    scan_depth: int = 2
+    recursive_scanning: bool = False
+    model: str = ""
+    context_size: int | None = None
+    metadata: tuple[tuple[str, str], ...] = ()  # (key, value) shown by `chat personas show`: author, version, tags
+
+    @property
+    def char_name(self) -> str:
+        """What ``{{char}}`` becomes: the V3 nickname, else the character's name, else the card's."""
+        return self.nickname or self.character_name or self.name
+
+    @property
+    def all_greetings(self) -> tuple[str, ...]:
+        """``greeting`` then the alternates: ``--greeting N`` and ``/greeting N`` count from 1 here."""
+        return tuple(g for g in (self.greeting, *self.greetings) if g)
 
     @property
     def label(self) -> str:
@@ -92,285 +125,24 @@ class Persona:
 
 NO_PERSONA = Persona(name="default", source="built-in")
 
-
-# --- the card file ---------------------------------------------------------------------
-
-
-CARD_FILE = "persona.toml"
-MAX_NAME_CHARS = 64
-# \Z, not $: "$" also matches before a final newline, which let "evil\n" through.
-NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME_CHARS - 1}}}\Z")
-NAME_RULE = f"use letters, digits, '-', '_' or '.', starting with a letter or digit (at most {MAX_NAME_CHARS})"
 MAX_EXTENDS_DEPTH = 64  # cards in one line of `extends`; real cards use two or three
-
-
-def is_valid_name(name: str) -> bool:
-    """Whether ``name`` can name a card (and so a folder, a mix part and a history label)."""
-    return NAME_RE.match(name) is not None
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class ExampleEntry(_Strict):
-    user: str
-    assistant: str
-
-
-class KnowledgeEntry(_Strict):
-    title: str = ""
-    text: str
-
-
-class AdapterEntry(_Strict):
-    path: str
-    scale: float = Field(1.0, ge=-10.0, le=10.0)
-
-    @field_validator("scale", mode="before")
-    @classmethod
-    def _int_is_float(cls, v: Any) -> Any:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-
-class SteeringEntry(AdapterEntry):
-    layers: tuple[int, int] | None = None
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _list_is_range(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            if len(v) != 2:
-                raise ValueError("layers must be [start, end] (an inclusive range)")
-            if not all(isinstance(x, int) and x >= 0 for x in v) or v[0] > v[1]:
-                raise ValueError("layers must be two whole numbers, start ≤ end")
-            return tuple(v)
-        return v
-
-
-class Card(_Strict):
-    """The schema of ``persona.toml``: the contract documented in README."""
-
-    name: str
-    description: str = ""
-    greeting: str = ""
-    system: str = ""
-    extends: list[str] = Field(default_factory=list)
-    sampling: dict[str, Any] = Field(default_factory=dict)
-    examples: list[ExampleEntry] = Field(default_factory=list)
-    knowledge: list[KnowledgeEntry] = Field(default_factory=list)
-    adapters: list[AdapterEntry] = Field(default_factory=list)
-    steering: list[SteeringEntry] = Field(default_factory=list)
-    template: str = ""
-    author: str = ""
-    version: str = ""
-    tags: list[str] = Field(default_factory=list)
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_simple(cls, v: str) -> str:
-        if not is_valid_name(v):
-            raise ValueError(NAME_RULE)
-        return v
-
-
-@dataclass(frozen=True)
-class LoadedCard:
-    """A validated card and where it lives."""
-
-    card: Card
-    folder: Path
-    source: str
-
-    @property
-    def file(self) -> Path:
-        return self.folder / CARD_FILE
-
-
-def read_card(folder: Path, source: str = "path") -> LoadedCard:
-    """Read and validate ``folder/persona.toml``; every problem becomes one PersonaError naming file and field."""
-    return _validated(*_card_data(folder), source)
-
-
-def _validated(folder: Path, file: Path, data: dict[str, Any], source: str) -> LoadedCard:
-    """The card in ``data`` checked field by field, part paths and template included; the first problem raised."""
-    try:
-        card = Card.model_validate(data)
-    except ValidationError as exc:
-        raise _card_error(file, exc) from None
-    _check_card_sampling(file, card)
-    for kind, entries in (("adapters", card.adapters), ("steering", card.steering)):
-        for i, entry in enumerate(entries):
-            _card_part_path(file, folder, kind, i, entry.path)
-    _card_template(file, folder, card.template)
-    return LoadedCard(card, _resolved(file, folder), source)
-
-
-def _card_data(folder: Path) -> tuple[Path, Path, dict[str, Any]]:
-    """(card folder, its persona.toml, the parsed TOML with ``name`` defaulting to the folder's name)."""
-    folder = user_path(str(folder), PersonaError, "card path")
-    if folder.name == CARD_FILE:
-        folder = folder.parent
-    file = folder / CARD_FILE
-    if not os.path.lexists(file):
-        raise PersonaError(
-            f"{file}: no such card file", "a card is a folder holding persona.toml (`chat personas new NAME`)"
-        )
-    data = read_toml(file, PersonaError, "fix the card's syntax at that place")
-    data.setdefault("name", _resolved(file, folder).name)
-    return folder, file, data
-
-
-def _resolved(file: Path, path: Path) -> Path:
-    """``path.resolve()``, with a symlink loop or an unreadable folder as one PersonaError."""
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: pathlib's "Symlink loop"
-        why = shorten(str(exc))
-        raise PersonaError(f"{file}: cannot resolve {quote(str(path))}: {why}", "check the path") from None
-
-
-def _card_template(file: Path, folder: Path, raw: str) -> str:
-    """A card's ``template``: a well-known name as it is, or a Jinja file inside the card folder (made absolute)."""
-    from chat.template import known_templates
-
-    if not raw or raw in known_templates():
-        return raw
-    p = user_path(raw, PersonaError, f"{file}: template")
-    resolved = _resolved(file, p if p.is_absolute() else folder / p)
-    if not p.is_absolute() and not resolved.is_relative_to(_resolved(file, folder)):
-        raise PersonaError(
-            f"{file}: template {quote(raw)} points outside the card folder",
-            "keep the template file inside the card folder",
-        )
-    if not _is_file(resolved):
-        raise PersonaError(
-            f"{file}: template {quote(raw)}: neither a known template nor a file",
-            f"known templates: {', '.join(known_templates())}; or a Jinja file relative to the card folder",
-        )
-    return str(resolved)
-
-
-def _is_file(path: Path) -> bool:
-    """``path.is_file()``, where a file the system will not stat (permissions, loops) counts as absent."""
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _exists(path: Path) -> bool:
-    """``path.exists()``, where a path the system will not stat counts as absent."""
-    try:
-        return path.exists()
-    except (OSError, ValueError):
-        return False
 
 
 def card_problems(folder: Path, lookup: Callable[[str], LoadedCard]) -> list[PersonaError]:
     """Every problem in a card, not only the first (``chat personas validate``); [] when it is fine."""
     try:
-        folder, file, data = _card_data(folder)
+        folder, file, data = card_data(folder)
     except PersonaError as exc:  # missing, unreadable or not TOML: the first problem is the only one we can know
         return [exc]
     try:
-        loaded = _validated(folder, file, data, "path")
+        loaded = validated_card(folder, file, data, "path")
     except PersonaError as first:
-        return _every_problem(folder, file, data) or [first]
+        return every_problem(folder, file, data) or [first]
     try:
         resolve_card(loaded, lookup)
     except PersonaError as exc:
         return [exc]
     return []
-
-
-def _every_problem(folder: Path, file: Path, data: dict[str, Any]) -> list[PersonaError]:
-    """Each schema error, then each sampler, part-path and template problem that can still be checked."""
-    problems: list[PersonaError] = []
-    try:
-        card = Card.model_validate(data)
-    except ValidationError as exc:
-        problems += [_card_error_entry(file, err) for err in exc.errors()]
-        card = Card.model_construct(**{k: v for k, v in data.items() if k in Card.model_fields})
-    checks: list[Callable[[], object]] = [lambda: _check_card_sampling(file, card)]
-    for kind in ("adapters", "steering"):
-        entries = getattr(card, kind, None)
-        for i, entry in enumerate(entries if isinstance(entries, list) else []):
-            raw = entry.path if hasattr(entry, "path") else entry.get("path") if isinstance(entry, dict) else None
-            if isinstance(raw, str):
-                checks.append(lambda kind=kind, i=i, raw=raw: _card_part_path(file, folder, kind, i, raw))
-    if isinstance(card.template, str):
-        checks.append(lambda: _card_template(file, folder, card.template))
-    for check in checks:
-        try:
-            check()
-        except PersonaError as exc:
-            problems.append(exc)
-        except Exception:  # a field of the wrong type already reported above
-            pass
-    return problems
-
-
-def _card_error(file: Path, exc: ValidationError) -> PersonaError:
-    return _card_error_entry(file, exc.errors()[0])
-
-
-def _card_error_entry(file: Path, err: Any) -> PersonaError:
-    """One pydantic error as one line; user data in it (keys, values) is quoted cut short."""
-    loc = ".".join(str(p) for p in err["loc"])
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        known = sorted(Card.model_fields) if len(err["loc"]) == 1 else []
-        key = str(err["loc"][-1])
-        close = difflib.get_close_matches(key, known, n=1) if len(key) <= MAX_NAME_CHARS else []
-        tip = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}" if known else "remove it"
-        return PersonaError(f"{file}: unknown field {quote(loc)}", tip)
-    if kind == "missing":
-        return PersonaError(f"{file}: field {quote(loc)} is required", "add it to the card")
-    got = err.get("input")
-    msg = shorten(err["msg"].removeprefix("Value error, "), 160)
-    return PersonaError(
-        f"{file}: field {quote(loc)}: {msg} (got {quote(got)})", "see README's card contract for the field's type"
-    )
-
-
-def _check_card_sampling(file: Path, card: Card) -> None:
-    from chat.sampling import SamplerSettings, normalize_layer
-
-    try:
-        layer = normalize_layer(card.sampling, source=f"{file} [sampling]")
-        layer.pop("stage_params", None)
-        SamplerSettings(**layer)
-    except SamplingError as exc:
-        raise PersonaError(exc.message, exc.hint) from None
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        info = SamplerSettings.model_fields.get(str(err["loc"][0])) if err["loc"] else None
-        raise PersonaError(
-            f"{file}: [sampling] {shorten(field, 40)} = {quote(err.get('input'))}: {shorten(err['msg'], 160)}",
-            f"allowed: {info.description}" if info and info.description else None,
-        ) from None
-
-
-def _card_part_path(file: Path, folder: Path, kind: str, index: int, raw: str) -> Path:
-    """Resolve a part path: relative paths must stay inside the card folder; absolute ones are the user's call."""
-    p = user_path(raw, PersonaError, f"{file}: {kind}[{index}].path")
-    if p.is_absolute():
-        resolved = _resolved(file, p)
-    else:
-        resolved = _resolved(file, folder / p)
-        if not resolved.is_relative_to(_resolved(file, folder)):
-            raise PersonaError(
-                f"{file}: {kind}[{index}].path {quote(raw)} points outside the card folder",
-                "keep adapter files inside the card folder, or write an absolute path if you mean it",
-            )
-    if not _exists(resolved):
-        raise PersonaError(
-            f"{file}: {kind}[{index}].path {quote(raw)}: no such file ({quote(str(resolved))})",
-            "check the path; it is relative to the card folder",
-        )
-    return resolved
 
 
 # --- resolution: extends and mixing ---------------------------------------------------------
@@ -435,11 +207,6 @@ def _extends_target(loaded: LoadedCard, index: int, entry: str) -> str:
     return str(path if path.is_absolute() else loaded.folder / path)
 
 
-def looks_like_path(text: str) -> bool:
-    """``./card``, ``../base``, ``a/b``, ``card.toml``: a path, not a card name."""
-    return "/" in text or "\\" in text or text.startswith(".") or text.endswith(".toml")
-
-
 def _chain_text(chain: Sequence[LoadedCard]) -> str:
     """``a → b → c``; a long chain keeps its first and last cards."""
     names = [c.card.name for c in chain]
@@ -457,23 +224,75 @@ def _own_parts(loaded: LoadedCard) -> Persona:
         greeting=card.greeting,
         system=card.system,
         examples=tuple(Example(e.user, e.assistant) for e in card.examples),
-        knowledge=tuple(f"{k.title}: {k.text}" if k.title else k.text for k in card.knowledge),
+        knowledge=tuple(_knowledge_item(loaded, i) for i in range(len(card.knowledge))),
         sampling=dict(card.sampling),
         adapters=tuple(
-            AdapterPart(_card_part_path(loaded.file, loaded.folder, "adapters", i, a.path), a.scale, card.name)
+            AdapterPart(part_path(loaded.file, loaded.folder, "adapters", i, a.path), a.scale, card.name)
             for i, a in enumerate(card.adapters)
         ),
         steering=tuple(
-            SteeringPart(_card_part_path(loaded.file, loaded.folder, "steering", i, s.path), s.scale, s.layers, card.name)
+            SteeringPart(part_path(loaded.file, loaded.folder, "steering", i, s.path), s.scale, s.layers, card.name)
             for i, s in enumerate(card.steering)
         ),
         source=loaded.source,
         path=loaded.folder,
-        template=_card_template(loaded.file, loaded.folder, card.template),
+        template=card_template(loaded.file, loaded.folder, card.template),
+        nickname=card.nickname,
+        character_name=card.character.name,
+        character=tuple(
+            (label, text)
+            for label, text in (
+                ("Description", card.character.description),
+                ("Personality", card.character.personality),
+                ("Scenario", card.character.scenario),
+            )
+            if text
+        ),
+        greetings=tuple(card.greetings),
+        post_history_instructions=card.post_history_instructions,
+        creator_notes=card.creator_notes,
+        token_budget=card.token_budget,
+        scan_depth=card.scan_depth,
+        recursive_scanning=card.recursive_scanning,
+        model=card.model,
+        context_size=card.context_size,
+        metadata=tuple(
+            (k, v)
+            for k, v in (
+                ("author", card.author),
+                ("version", card.version),
+                ("tags", ", ".join(card.tags)),
+                ("license", card.license.strip().splitlines()[0] if card.license.strip() else ""),
+            )
+            if v
+        ),
     )
 
 
-def _inherit(parent: Persona, child: Persona, child_wins: bool = True) -> Persona:
+def _knowledge_item(loaded: LoadedCard, index: int) -> KnowledgeItem:
+    k = loaded.card.knowledge[index]
+    return KnowledgeItem(
+        text=k.text,
+        title=k.title,
+        keys=None if k.keys is None else tuple(k.keys),
+        secondary_keys=tuple(k.secondary_keys),
+        selective_logic=k.selective_logic,
+        constant=k.constant,
+        enabled=k.enabled,
+        case_sensitive=k.case_sensitive,
+        whole_words=k.whole_words,
+        use_regex=k.use_regex,
+        insertion_order=k.insertion_order,
+        priority=k.priority,
+        position=k.position,
+        scan_depth=k.scan_depth,
+        probability=k.probability,
+        path=part_path(loaded.file, loaded.folder, "knowledge", index, k.path) if k.path else None,
+        card=loaded.card.name,
+    )
+
+
+def _inherit(parent: Persona, child: Persona) -> Persona:
     def by_path(parts: Sequence[Any], more: Sequence[Any]) -> tuple:
         out = {str(p.path): p for p in parts}
         out.update({str(p.path): p for p in more})
@@ -492,7 +311,25 @@ def _inherit(parent: Persona, child: Persona, child_wins: bool = True) -> Person
         source=child.source or parent.source,
         path=child.path or parent.path,
         template=child.template or parent.template,
+        nickname=child.nickname or parent.nickname,
+        character_name=child.character_name or parent.character_name,
+        character=_by_label(parent.character, child.character),
+        greetings=child.greetings or parent.greetings,
+        post_history_instructions=child.post_history_instructions or parent.post_history_instructions,
+        creator_notes=child.creator_notes or parent.creator_notes,
+        token_budget=child.token_budget if child.token_budget is not None else parent.token_budget,
+        scan_depth=child.scan_depth,
+        recursive_scanning=child.recursive_scanning or parent.recursive_scanning,
+        model=child.model or parent.model,
+        context_size=child.context_size or parent.context_size,
+        metadata=child.metadata or parent.metadata,
     )
+
+
+def _by_label(parent: tuple[tuple[str, str], ...], child: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """Character parts: the child's text for a label replaces the parent's, in Description-Personality-Scenario order."""
+    merged = dict(parent) | dict(child)
+    return tuple((label, merged[label]) for label in ("Description", "Personality", "Scenario") if label in merged)
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
@@ -540,7 +377,8 @@ def mix_personas(parts: Sequence[tuple[Persona, float]]) -> Persona:
         for a in persona.adapters:
             prev = adapters.get(str(a.path))
             scale = a.scale * w + (prev.scale if prev else 0.0)
-            adapters[str(a.path)] = AdapterPart(a.path, scale, prev.card + "+" + a.card if prev and prev.card != a.card else a.card)
+            card = prev.card + "+" + a.card if prev and prev.card != a.card else a.card
+            adapters[str(a.path)] = AdapterPart(a.path, scale, card)
         for s in persona.steering:
             key = (str(s.path), s.layers)
             prev_s = steering.get(key)
@@ -562,6 +400,18 @@ def mix_personas(parts: Sequence[tuple[Persona, float]]) -> Persona:
         path=first.path,
         mix=mix,
         template=first.template,
+        nickname=first.nickname,
+        character_name=first.character_name,
+        character=first.character,
+        greetings=first.greetings,
+        post_history_instructions="\n\n".join(p.post_history_instructions for p, _ in parts if p.post_history_instructions),
+        creator_notes=first.creator_notes,
+        token_budget=first.token_budget,
+        scan_depth=first.scan_depth,
+        recursive_scanning=first.recursive_scanning,
+        model=first.model,
+        context_size=first.context_size,
+        metadata=first.metadata,
     )
 
 
@@ -571,3 +421,24 @@ def suggest_names(name: str, known: Sequence[str]) -> str:
         return "did you mean " + " or ".join(repr(c) for c in close) + "? (`chat personas list`)"
     return "run `chat personas list` to see the cards you have"
 
+
+__all__ = [
+    "CARD_FILE",
+    "NAME_RULE",
+    "NO_PERSONA",
+    "AdapterPart",
+    "Card",
+    "Example",
+    "LoadedCard",
+    "Persona",
+    "SteeringPart",
+    "card_problems",
+    "extends_order",
+    "is_valid_name",
+    "looks_like_path",
+    "mix_personas",
+    "parse_mix",
+    "read_card",
+    "resolve_card",
+    "suggest_names",
+]

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import pluggy
 
 from chat import hookspecs
+from chat.errors import ChatError
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "chat_plugins.llamacpp",
@@ -25,10 +26,30 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 )
 
 
+class PluginError(ChatError):
+    """A plugin that pluggy refuses: a hook that does not exist, or one with arguments its spec lacks."""
+
+    exit_code = 1
+
+
 @cache
 def get_plugin_manager() -> pluggy.PluginManager:
+    """Third-party plugins (entry points, or only those named in ``CHAT_LOAD_PLUGINS``), then the built-ins.
+
+    ``check_pending`` runs last, so a plugin implementing a hook that is not in ``chat.hookspecs``
+    (a typo such as ``register_backend``) is a :class:`PluginError` naming it, not a hook never called.
+    """
     pm = pluggy.PluginManager("chat")
     pm.add_hookspecs(hookspecs)
+    try:
+        _register_all(pm)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise _refused(pm, exc) from None
+    return pm
+
+
+def _register_all(pm: pluggy.PluginManager) -> None:
     allow = os.environ.get("CHAT_LOAD_PLUGINS")
     if allow is None:
         pm.load_setuptools_entrypoints("chat")
@@ -47,7 +68,24 @@ def get_plugin_manager() -> pluggy.PluginManager:
                 continue  # a built-in not shipped in this install
             raise
         pm.register(module, name=name)
-    return pm
+
+
+def _refused(pm: pluggy.PluginManager, exc: pluggy.PluginValidationError) -> PluginError:
+    """pluggy's multi-line complaint as one line: the plugin, the hook, and the hook it probably meant."""
+    import difflib
+
+    name = pm.get_name(exc.plugin) or getattr(exc.plugin, "__name__", repr(exc.plugin))
+    specs = sorted(n for n, caller in vars(pm.hook).items() if not n.startswith("_") and caller.has_spec())
+    unknown = [h.name for h in pm.get_hookcallers(exc.plugin) or [] if not h.has_spec()]
+    hint = f"hooks: {', '.join(specs)} (chat/hookspecs.py); leave the plugin out with CHAT_LOAD_PLUGINS"
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], specs, n=1)
+        guess = f" — did you mean {near[0]}?" if near else ""
+        return PluginError(f"plugin {name!r} implements an unknown hook {unknown[0]!r}{guess}", hint)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    definition = next((x.removeprefix("hookimpl definition:").strip() for x in lines if x.startswith("hookimpl")), "")
+    detail = f"{definition}: {lines[-1]}" if definition and len(lines) > 1 else " ".join(lines)
+    return PluginError(f"plugin {name!r}: {detail}", hint)
 
 
 @dataclass
@@ -62,20 +100,20 @@ class Registry:
 
 
 def _collect(hook_name: str, add: Callable[[str, tuple, dict], None]) -> None:
+    """Call one hook through pluggy, a plugin at a time, so each registration is known by its plugin.
+
+    ``get_hookimpls`` only says which plugins implement the hook and in what order; the call
+    itself is pluggy's, on the subset of plugins that is just this one.
+    """
     pm = get_plugin_manager()
+    everyone = pm.get_plugins()
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        plugin = impl.plugin_name
-
-        def register(*args: Any, _plugin: str = plugin, **kwargs: Any) -> None:
-            add(_plugin, args, kwargs)
-
-        impl.function(register=register)
+        only_this = pm.subset_hook_caller(hook_name, remove_plugins=everyone - {impl.plugin})
+        only_this(register=lambda *args, _plugin=impl.plugin_name, **kwargs: add(_plugin, args, kwargs))
 
 
 @cache
 def get_registry() -> Registry:
-    from chat.sampling import set_plugin_stages
-
     reg = Registry()
 
     def add_backend(plugin: str, args: tuple, kwargs: dict) -> None:
@@ -88,7 +126,8 @@ def get_registry() -> Registry:
 
     def add_command(plugin: str, args: tuple, kwargs: dict) -> None:
         name, fn = args[0].lstrip("/"), args[1]
-        reg.commands[name] = (fn, kwargs.get("help", (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""), plugin)
+        doc_line = (fn.__doc__ or "").strip().splitlines()[0] if (fn.__doc__ or "").strip() else ""
+        reg.commands[name] = (fn, kwargs.get("help", doc_line), plugin)
         reg.sources[f"command:{name}"] = plugin
 
     def add_sampler(plugin: str, args: tuple, kwargs: dict) -> None:
@@ -100,7 +139,6 @@ def get_registry() -> Registry:
     _collect("register_personas", add_persona)
     _collect("register_commands", add_command)
     _collect("register_samplers", add_sampler)
-    set_plugin_stages(reg.samplers)
     return reg
 
 
@@ -111,10 +149,12 @@ def plugin_summary() -> list[dict[str, Any]]:
     for name, plugin in pm.list_name_plugin():
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
         dist = next((d for p, d in pm.list_plugin_distinfo() if p is plugin), None)
-        out.append({
-            "name": name,
-            "hooks": hooks,
-            "builtin": name in DEFAULT_PLUGINS,
-            "version": getattr(dist, "version", None) if dist else None,
-        })
+        out.append(
+            {
+                "name": name,
+                "hooks": hooks,
+                "builtin": name in DEFAULT_PLUGINS,
+                "version": getattr(dist, "version", None) if dist else None,
+            }
+        )
     return out

@@ -11,9 +11,9 @@ from chat.sampling import BUILTIN_PRESETS, normalize_layer
 from chat.tomlfile import quote, read_toml
 
 
-def user_presets(paths: Paths | None = None) -> dict[str, dict[str, Any]]:
+def user_presets(paths: Paths) -> dict[str, dict[str, Any]]:
     """``presets/NAME.toml`` files by name; a broken one is one SamplingError naming the file."""
-    folder = (paths or Paths()).presets_dir
+    folder = paths.presets_dir
     out: dict[str, dict[str, Any]] = {}
     if folder.is_dir():
         for file in sorted(folder.glob("*.toml")):
@@ -21,13 +21,13 @@ def user_presets(paths: Paths | None = None) -> dict[str, dict[str, Any]]:
     return out
 
 
-def all_presets(paths: Paths | None = None) -> dict[str, tuple[dict[str, Any], str]]:
+def all_presets(paths: Paths) -> dict[str, tuple[dict[str, Any], str]]:
     out = {name: (values, "built-in") for name, values in BUILTIN_PRESETS.items()}
     out.update({name: (values, "user") for name, values in user_presets(paths).items()})
     return out
 
 
-def load_preset(name: str, paths: Paths | None = None) -> dict[str, Any]:
+def load_preset(name: str, paths: Paths) -> dict[str, Any]:
     """A preset's settings, checked key by key (values are checked when the layers are merged)."""
     presets = all_presets(paths)
     if name not in presets:

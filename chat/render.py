@@ -30,8 +30,10 @@ def make_console(stderr: bool = False):
 
 
 class Renderer:
-    def __init__(self, out: TextIO | None = None, *, markdown: bool = False) -> None:
-        self.out = out or sys.stdout
+    """Answers on stdout; notes, stats and errors on stderr."""
+
+    def __init__(self, *, markdown: bool = False) -> None:
+        self.out: TextIO = sys.stdout
         self.err_console = make_console(stderr=True)
         self.markdown = markdown
 

@@ -21,7 +21,10 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "help": "show this help",
     "persona": "/persona NAME or a mix teacher:0.7,pirate:0.3 — switch persona (the model stays loaded)",
     "set": "/set KEY VALUE — change a sampler setting (`/set KEY default` to unset)",
-    "system": "/system TEXT — replace the system prompt (`/system` alone shows it, `/system default` restores the persona's)",
+    "system": (
+        "/system TEXT — replace the system prompt (`/system` alone shows it, `/system default` restores the persona's)"
+    ),
+    "greeting": "/greeting N — show the persona's greeting N (1 = its first); /greeting alone lists them",
     "retry": "answer the last message again",
     "undo": "remove the last exchange",
     "clear": "start a new conversation (same model and persona)",
@@ -39,13 +42,27 @@ RECAP_CHARS = 400
 
 
 class Repl:
-    def __init__(self, session, app, *, verbose: bool = False, markdown: bool = False) -> None:
+    """The interactive loop over one session; slash commands from plugins get this object and an argument."""
+
+    def __init__(
+        self,
+        session,
+        *,
+        input_history: Path | None = None,
+        verbose: bool = False,
+        markdown: bool = False,
+        debug: bool = False,
+    ) -> None:
+        """``input_history``: the file that keeps typed lines across runs (None keeps them in memory);
+        ``debug``: a failing command shows its traceback instead of one red line."""
         self.session = session
-        self.app = app
+        self.input_history = input_history
         self.renderer = Renderer(markdown=markdown)
         self.verbose = verbose
+        self.debug = debug
         self.running = True
         self.exit_code = 0
+        self.greeting_number = 1  # which greeting opens a new conversation (--greeting N)
         from chat.plugins import get_registry
 
         self.plugin_commands: dict[str, tuple[Callable, str, str]] = get_registry().commands
@@ -64,7 +81,7 @@ class Repl:
     def run(self) -> int:
         prompt = self._make_prompt()
         self._flush_notes()
-        greeting = self.session.persona.greeting
+        greeting = self._greeting(self.greeting_number)
         who = self.session.persona.label
         self.renderer.dim(f"chat · {self.session.model_label} · persona {who} · /help for commands, Ctrl-D to quit")
         if self.session.turns:
@@ -74,7 +91,7 @@ class Repl:
         while self.running:
             toolbar = self._toolbar_text()
             try:
-                text = prompt.prompt(self._prompt_text(), bottom_toolbar=lambda: toolbar)
+                text = prompt.prompt(self._prompt_text(), bottom_toolbar=lambda shown=toolbar: shown)
             except Terminated as exc:
                 return exc.exit_code
             except KeyboardInterrupt:
@@ -91,10 +108,8 @@ class Repl:
                     self._answer(self.session.send(text))
             except ChatError as exc:
                 self.renderer.err_console.print(make_visible(f"error: {exc}"), style="bold red", markup=False)
-            except Exception as exc:  # a plugin command or a file write: report it, keep the session
-                from chat.cli.common import debugging
-
-                if debugging():
+            except Exception as exc:  # a plugin command, a file write or a backend's bug: report it, keep the session
+                if self.debug:
                     raise
                 text = make_visible(f"error: {exc.__class__.__name__}: {exc}")
                 self.renderer.err_console.print(text, style="bold red", markup=False)
@@ -111,7 +126,8 @@ class Repl:
             used = s.context_used()
         except ChatError:
             used = 0
-        return make_visible(f" {s.model_label} · persona {s.persona.label} · context {used}/{s.backend.context_size} tokens ")
+        context = f"context {used}/{s.backend.context_size} tokens"
+        return make_visible(f" {s.model_label} · persona {s.persona.label} · {context} ")
 
     def _recap(self) -> None:
         """``chat -c``: the last few exchanges, so the user sees where the conversation stands."""
@@ -191,7 +207,24 @@ class Repl:
         ms = (time.perf_counter() - started) * 1000
         self.renderer.dim(f"persona → {persona.label} ({ms:.1f} ms; model not reloaded)")
         if persona.greeting:
-            self.print(persona.greeting)
+            self.print(self._greeting(1))
+
+    def _greeting(self, number: int) -> str:
+        from chat.prompt import greeting_text
+
+        return greeting_text(self.session.persona, number, user_name=getattr(self.session, "user_name", "User"))
+
+    def cmd_greeting(self, arg: str) -> None:
+        greetings = self.session.persona.all_greetings
+        if not greetings:
+            raise ChatError(f"{self.session.persona.label} has no greeting")
+        if not arg:
+            for i in range(1, len(greetings) + 1):
+                self.print(f"{i}. {self._greeting(i).splitlines()[0][:100]}")
+            return
+        if not arg.isdigit() or not 1 <= int(arg) <= len(greetings):
+            raise ChatError(f"/greeting {arg}: no such greeting", f"choose 1 to {len(greetings)}")
+        self.print(self._greeting(int(arg)))
 
     def cmd_set(self, arg: str) -> None:
         if not arg:
@@ -199,7 +232,7 @@ class Repl:
         from chat.sampling import split_option
 
         key, value = split_option(arg)
-        if key.startswith("adapter.") or key.startswith("steering."):
+        if key.startswith(("adapter.", "steering.")):
             setter = getattr(self.session, "set_part_scale", None)
             if setter is None:
                 raise ChatError(f"{key}: not supported here")
@@ -236,8 +269,12 @@ class Repl:
         self.print(f"context:  {s.context_used()} / {s.backend.context_size} tokens")
         self.print(f"conversation: {s.conversation_id or '(not saved yet)'}")
         changed = s.sampling.model_dump(exclude_defaults=True)
-        self.print("sampling: " + (", ".join(f"{k}={v} ({s.sampling_sources.get(k, 'default')})" for k, v in changed.items()) or "defaults"))
+        shown = ", ".join(f"{k}={v} ({s.sampling_sources.get(k, 'default')})" for k, v in changed.items())
+        self.print("sampling: " + (shown or "defaults"))
         self.print(f"stages:   {', '.join(s.sampling.active_stages())}")
+        prompt = getattr(s, "last_prompt", None)
+        for line in prompt.knowledge_lines() if prompt is not None else []:  # what fired last turn, and why
+            self.print(f"knowledge: {line}")
         for key in ("architecture", "parameters", "template", "gpu_layers", "threads"):
             if key in info:
                 self.print(f"{key + ':':<9} {info[key]}")
@@ -266,7 +303,9 @@ class Repl:
         s = self.session
         path = Path(arg or f"chat-{s.conversation_id or 'conversation'}.md").expanduser()
         if not path.parent.is_dir():
-            raise ChatError(f"/save {arg}: the folder {path.parent} does not exist", "create it first, or save elsewhere")
+            raise ChatError(
+                f"/save {arg}: the folder {path.parent} does not exist", "create it first, or save elsewhere"
+            )
         try:
             self._write_conversation(path)
         except OSError as exc:
@@ -284,13 +323,13 @@ class Repl:
             }
             path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
         elif path.suffix == ".txt":
-            blocks = [f"{'You' if m.role == 'user' else who or 'Assistant'}: {m.content}" for m, who in zip(s.turns, s.turn_personas)]
+            blocks = [f"{'You' if t.role == 'user' else t.persona or 'Assistant'}: {t.content}" for t in s.turns]
             path.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
         else:
             lines = [f"# Conversation with {s.model_label}", ""]
-            for m, who in zip(s.turns, s.turn_personas):
-                head = "You" if m.role == "user" else f"Assistant ({who})"
-                lines += [f"## {head}", "", m.content, ""]
+            for t in s.turns:
+                head = "You" if t.role == "user" else f"Assistant ({t.persona})"
+                lines += [f"## {head}", "", t.content, ""]
             path.write_text("\n".join(lines), encoding="utf-8")
 
     # --- prompt_toolkit -----------------------------------------------------------------
@@ -321,12 +360,13 @@ class Repl:
                 except OSError:
                     pass
 
-        history_file = self.app.paths.input_history
-        try:
-            history_file.parent.mkdir(parents=True, exist_ok=True)
-            history = KeptWhenPossible(str(history_file))
-        except OSError:
-            history = InMemoryHistory()
+        history: Any = InMemoryHistory()
+        if self.input_history is not None:
+            try:
+                self.input_history.parent.mkdir(parents=True, exist_ok=True)
+                history = KeptWhenPossible(str(self.input_history))
+            except OSError:
+                pass
         return PromptSession(
             history=history,
             completer=SlashCompleter(self),

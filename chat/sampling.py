@@ -10,8 +10,12 @@ and :func:`resolve_sampling` merges them, remembering where each value came from
 so ``/info`` and ``chat samplers show`` can say so.
 
 Plugin stages (:mod:`chat.stages`) run only where ``order`` names them. Their
-parameters are set as ``STAGE.PARAM`` and land in ``stage_params``. A stage with
-parameters but missing from ``order`` would be silently off, so:
+parameters are set as ``STAGE.PARAM`` and land in ``stage_params``. Which plugin
+stages exist is passed in, never kept here: ``resolve_sampling(layers, stages=...)``,
+``SamplerSettings.model_validate(data, context={"stages": ...})``. Left out, it is
+the stages the installed plugins register (:func:`loaded_stages`), so validation
+does not depend on what ran before it. A stage with parameters but missing from
+``order`` would be silently off, so:
 
 * when no layer sets ``order``, :func:`resolve_sampling` inserts such a stage at
   the **front** of the default order (it then acts on the model's own logits, as
@@ -63,9 +67,13 @@ class SamplerSettings(BaseModel):
     dynatemp_exponent: float = Field(1.0, gt=0.0, le=10.0, description="dynamic temperature exponent; >0")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling; 0 < top_p ≤ 1, 1 = off")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens below min_p × the top probability; 0..1, 0 = off")
+    min_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="drop tokens below min_p × the top probability; 0..1, 0 = off"
+    )
     typical_p: float = Field(1.0, gt=0.0, le=1.0, description="locally typical sampling; 0 < typical_p ≤ 1, 1 = off")
-    top_n_sigma: float = Field(-1.0, ge=-1.0, le=100.0, description="keep logits within n standard deviations of the max; ≤ 0 = off")
+    top_n_sigma: float = Field(
+        -1.0, ge=-1.0, le=100.0, description="keep logits within n standard deviations of the max; ≤ 0 = off"
+    )
     xtc_probability: float = Field(0.0, ge=0.0, le=1.0, description="exclude-top-choices probability; 0..1, 0 = off")
     xtc_threshold: float = Field(0.1, ge=0.0, le=1.0, description="XTC threshold; 0..1 (> 0.5 = off)")
     dry_multiplier: float = Field(0.0, ge=0.0, le=100.0, description="DRY repetition penalty strength; 0 = off")
@@ -76,7 +84,9 @@ class SamplerSettings(BaseModel):
     repeat_penalty: float = Field(1.0, gt=0.0, le=10.0, description="repetition penalty; 1 = off")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="frequency penalty; -2..2, 0 = off")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="presence penalty; -2..2, 0 = off")
-    penalty_last_n: int = Field(64, ge=-1, description="window for repeat/frequency/presence penalties; -1 = whole context, 0 = off")
+    penalty_last_n: int = Field(
+        64, ge=-1, description="window for repeat/frequency/presence penalties; -1 = whole context, 0 = off"
+    )
     mirostat: Literal[0, 1, 2] = Field(0, description="mirostat version: 0 = off, 1 or 2")
     mirostat_tau: float = Field(5.0, gt=0.0, le=100.0, description="mirostat target surprise; > 0")
     mirostat_eta: float = Field(0.1, gt=0.0, le=1.0, description="mirostat learning rate; 0 < eta ≤ 1")
@@ -84,23 +94,38 @@ class SamplerSettings(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**32 - 2, description="random seed; unset = random each run")
     max_tokens: int | None = Field(None, ge=1, description="most tokens to generate; unset = until the context is full")
     stop: tuple[str, ...] = Field((), description="strings that end the answer (not included in it)")
+    beams: int = Field(1, ge=1, le=8, description="beam search with N beams (2-8) instead of sampling; 1 = off")
+    length_penalty: float = Field(
+        1.0, ge=-10.0, le=10.0, description="beam search: score = log-prob sum / length ** this; > 0 favours longer"
+    )
     order: tuple[str, ...] = Field(DEFAULT_ORDER, description="the stages, in the order they run")
     stage_params: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="settings of plugin stages: {stage: {param: value}}"
     )
 
+    @field_validator("mirostat", mode="before")
+    @classmethod
+    def _mirostat_from_text(cls, value: Any) -> Any:
+        """``-o mirostat=1`` and ``/set mirostat 2`` arrive as text; a Literal field does not coerce it."""
+        if isinstance(value, str) and value.strip() in {"0", "1", "2"}:
+            return int(value.strip())
+        return value
+
     @field_validator("order")
     @classmethod
-    def _order_has_no_repeats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _order_names_known_stages(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
         seen = set()
         for stage in value:
             if stage in seen:
                 raise ValueError(f"stage {quote(stage)} is listed twice")
             seen.add(stage)
-        known = set(BUILTIN_STAGES) | set(_plugin_stage_names())
-        for stage in value:
+        others = [s for s in value if s not in BUILTIN_STAGES]
+        if not others:
+            return value
+        known = set(BUILTIN_STAGES) | set(known_stages((info.context or {}).get("stages")))
+        for stage in others:
             if stage not in known:
-                tip = _suggest(stage, sorted(known))
+                tip = suggest(stage, sorted(known))
                 raise ValueError(f"unknown stage {quote(stage)}{tip} (known: {', '.join(sorted(known))})")
         return value
 
@@ -115,7 +140,9 @@ class SamplerSettings(BaseModel):
 
     @field_validator("stage_params")
     @classmethod
-    def _stage_params_are_in_order(cls, value: dict[str, dict[str, Any]], info: ValidationInfo) -> dict[str, dict[str, Any]]:
+    def _stage_params_are_in_order(
+        cls, value: dict[str, dict[str, Any]], info: ValidationInfo
+    ) -> dict[str, dict[str, Any]]:
         order = info.data.get("order")
         if order is None:  # order itself was invalid; that error is reported
             return value
@@ -165,21 +192,21 @@ def stage_is_active(settings: SamplerSettings, stage: str) -> bool:
 
 # --- plugin stages -----------------------------------------------------------------
 
-_PLUGIN_STAGES: dict[str, Any] = {}
+
+def loaded_stages() -> Mapping[str, Any]:
+    """The sampler stages the installed plugins register (``chat.plugins.get_registry().samplers``).
+
+    Used where a caller passes no ``stages``; loading the plugins here, on first need,
+    makes validation the same whatever command ran first.
+    """
+    from chat.plugins import get_registry
+
+    return get_registry().samplers
 
 
-def _plugin_stage_names() -> list[str]:
-    return list(_PLUGIN_STAGES)
-
-
-def set_plugin_stages(stages: Mapping[str, Any]) -> None:
-    """Tell validation which plugin stages exist (called once plugins are loaded)."""
-    _PLUGIN_STAGES.clear()
-    _PLUGIN_STAGES.update(stages)
-
-
-def plugin_stages() -> dict[str, Any]:
-    return dict(_PLUGIN_STAGES)
+def known_stages(stages: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """``stages`` as given, or the installed plugins' when None."""
+    return stages if stages is not None else loaded_stages()
 
 
 # --- presets -------------------------------------------------------------------------
@@ -188,7 +215,13 @@ BUILTIN_PRESETS: dict[str, dict[str, Any]] = {
     "greedy": {"temperature": 0.0},
     "precise": {"temperature": 0.2, "top_k": 40, "top_p": 0.9, "min_p": 0.05},
     "balanced": {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.05},
-    "creative": {"temperature": 1.0, "min_p": 0.05, "xtc_probability": 0.5, "xtc_threshold": 0.1, "dry_multiplier": 0.8},
+    "creative": {
+        "temperature": 1.0,
+        "min_p": 0.05,
+        "xtc_probability": 0.5,
+        "xtc_threshold": 0.1,
+        "dry_multiplier": 0.8,
+    },
 }
 
 
@@ -206,7 +239,7 @@ def parse_value(key: str, raw: str) -> Any:
                 return tuple(json.loads(raw))
             except json.JSONDecodeError as exc:
                 raise SamplingError(
-                    f"{key}={shorten(raw)}: not a JSON list ({exc.msg})", "write a,b,c or [\"a\", \"b\"]"
+                    f"{key}={shorten(raw)}: not a JSON list ({exc.msg})", 'write a,b,c or ["a", "b"]'
                 ) from None
         if key == "order":
             return tuple(p.strip() for p in raw.split(",") if p.strip())
@@ -245,12 +278,18 @@ def split_option(text: str) -> tuple[str, str]:
     return key, value
 
 
-def normalize_layer(values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
-    """Check the keys of one layer and turn CLI strings into values; plugin-stage keys look like ``stage.param``."""
+def normalize_layer(
+    values: Mapping[str, Any], *, source: str, stages: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Check the keys of one layer and turn CLI strings into values; plugin-stage keys look like ``stage.param``.
+
+    ``stages``: the plugin stages by name (None: the installed plugins').
+    """
     out: dict[str, Any] = {}
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if key in _PLUGIN_STAGES and isinstance(value, Mapping):  # TOML `word_filter.ban = [...]` is a nested table
+        if isinstance(value, Mapping) and key.replace("-", "_") not in FIELD_NAMES:
+            # TOML `word_filter.ban = [...]` is a nested table {word_filter: {ban: [...]}}
             flat.update({f"{key}.{param}": v for param, v in value.items()})
         else:
             flat[key] = value
@@ -258,10 +297,11 @@ def normalize_layer(values: Mapping[str, Any], *, source: str) -> dict[str, Any]
         key = key.replace("-", "_")
         if "." in key:
             stage, _, param = key.partition(".")
-            if stage not in _PLUGIN_STAGES:
+            known = known_stages(stages)
+            if stage not in known:
                 raise SamplingError(
                     f"{source}: unknown sampler stage {quote(stage)} in {quote(key)}",
-                    f"run `chat samplers` to list stages{_suggest(stage, _PLUGIN_STAGES)}",
+                    f"run `chat samplers` to list stages{suggest(stage, known)}",
                 )
             params = dict(out.get("stage_params", {}).get(stage, {}))
             params[param] = value
@@ -270,23 +310,29 @@ def normalize_layer(values: Mapping[str, Any], *, source: str) -> dict[str, Any]
         if key not in FIELD_NAMES:
             raise SamplingError(
                 f"{source}: unknown sampler setting {quote(key)}",
-                f"run `chat samplers` to list settings{_suggest(key, FIELD_NAMES)}",
+                f"run `chat samplers` to list settings{suggest(key, FIELD_NAMES)}",
             )
         out[key] = parse_value(key, value) if isinstance(value, str) else value
     return out
 
 
-def _suggest(name: str, choices: Sequence[str] | Mapping[str, Any]) -> str:
+def suggest(name: str, choices: Sequence[str] | Mapping[str, Any]) -> str:
+    """``"; did you mean 'x'?"`` for a close match among ``choices``, else ""."""
     close = difflib.get_close_matches(name, list(choices), n=1) if len(name) <= 64 else []  # a long one is no typo
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def resolve_sampling(layers: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[SamplerSettings, dict[str, str]]:
-    """Merge layers (lowest precedence first) into settings and a map field → the layer that set it."""
+def resolve_sampling(
+    layers: Sequence[tuple[str, Mapping[str, Any]]], *, stages: Mapping[str, Any] | None = None
+) -> tuple[SamplerSettings, dict[str, str]]:
+    """Merge layers (lowest precedence first) into settings and a map field → the layer that set it.
+
+    ``stages``: the plugin stages by name (``get_registry().samplers``); None: the installed plugins'.
+    """
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for source, values in layers:
-        layer = normalize_layer(values, source=source)
+        layer = normalize_layer(values, source=source, stages=stages)
         for key, value in layer.items():
             if key == "stage_params":
                 for stage, params in value.items():
@@ -298,12 +344,39 @@ def resolve_sampling(layers: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[S
                 sources[key] = source
     _place_stages_with_params(merged, sources)
     try:
-        settings = SamplerSettings(**merged)
+        settings = SamplerSettings.model_validate(merged, context={"stages": stages})
     except ValidationError as exc:
         raise _sampling_error(exc, merged, sources) from None
-    _check_stage_params(settings, sources)
+    _check_stage_params(settings, sources, stages)
     _check_order_keeps_set_stages(settings, sources)
+    _check_beams(settings, sources)
     return settings, sources
+
+
+def _check_beams(settings: SamplerSettings, sources: Mapping[str, str]) -> None:
+    """Beam search replaces the sampler. A stage set in the same place as ``beams`` makes no sense with it;
+    stages from other layers (a preset, a card, the defaults) are simply not used while beams are on."""
+    if settings.beams <= 1:
+        return
+    where = sources.get("beams")
+    conflicts = [
+        "mirostat",
+        "logit_bias",
+        *(p for params in STAGE_PARAMS.values() for p in params),
+        *settings.stage_params,
+    ]
+    clash = [name for name in conflicts if sources.get(name) == where]
+    clash += [
+        f"{stage}.{p}"
+        for stage, ps in settings.stage_params.items()
+        for p in ps
+        if sources.get(f"{stage}.{p}") == where
+    ]
+    if clash:
+        raise SamplingError(
+            f"{where}: beams = {settings.beams} with {', '.join(dict.fromkeys(clash))}: beam search does not sample",
+            "drop the sampler settings (beam search keeps the most likely continuations), or drop beams",
+        )
 
 
 # Every setting each built-in stage reads (for `chat samplers` and the order check); the rest apply to the whole chain.
@@ -349,16 +422,19 @@ def _place_stages_with_params(merged: dict[str, Any], sources: dict[str, str]) -
     if "order" in merged:
         example = shorten(",".join(map(str, (first, *order))))
         raise SamplingError(
-            f"{by}: {first!r} has parameters, but order (set by {sources.get('order', 'settings')}) does not include it",
+            f"{by}: {first!r} has parameters, "
+            f"but order (set by {sources.get('order', 'settings')}) does not include it",
             f"add {first!r} to order (e.g. -o order={example}) or remove its parameters",
         )
     merged["order"] = (*missing, *order)
     sources["order"] = f"auto: {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} parameters ({by})"
 
 
-def _check_stage_params(settings: SamplerSettings, sources: Mapping[str, str]) -> None:
+def _check_stage_params(
+    settings: SamplerSettings, sources: Mapping[str, str], stages: Mapping[str, Any] | None
+) -> None:
     for stage, params in settings.stage_params.items():
-        spec = _PLUGIN_STAGES.get(stage)
+        spec = known_stages(stages).get(stage)
         if spec is None:
             raise SamplingError(f"unknown sampler stage {stage!r}", "run `chat samplers` to list stages")
         try:
@@ -392,6 +468,6 @@ def describe_fields() -> list[tuple[str, Any, str]]:
     out = []
     for name in FIELD_NAMES:
         info = SamplerSettings.model_fields[name]
-        default = info.default_factory() if info.default_factory else info.default
+        default = info.get_default(call_default_factory=True)
         out.append((name, default, info.description or ""))
     return out

@@ -3,8 +3,8 @@
 The session never knows which backend runs. It builds the prompt (system prompt,
 knowledge, example dialogue, the conversation), fits it to the context window,
 streams the answer from the backend and commits both sides to the store: the
-user's message before generation starts, the answer as soon as it ends or is
-interrupted.
+user's message before generation starts, the answer as soon as it ends, is
+interrupted or fails.
 """
 
 from __future__ import annotations
@@ -13,18 +13,33 @@ import dataclasses
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from chat.backend import Backend, Finish, Message, Timings, Usage
+from chat.backend import Backend, Finish, FinishReason, Message, Timings, Usage
 from chat.catalog import PersonaCatalog
 from chat.context import Fitted, fit_context
 from chat.errors import ChatError, SamplingError, UsageError
 from chat.persona import NO_PERSONA, Persona
-from chat.sampling import BUILTIN_PRESETS, SamplerSettings, resolve_sampling, split_option
+from chat.prompt import KnowledgeState, Prompt, assemble, knowledge_state, static_system
+from chat.samplerlayers import SamplerLayers
+from chat.sampling import SamplerSettings, split_option
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of the conversation and, for an answer, the persona (or mix) that gave it."""
+
+    role: Literal["user", "assistant"]
+    content: str
+    persona: str | None = None
+
+    @property
+    def message(self) -> Message:
+        return Message(self.role, self.content)
 
 
 @dataclass
-class Turn:
+class Answer:
     """The last answer's outcome, for renderers and ``--json``."""
 
     text: str = ""
@@ -33,6 +48,8 @@ class Turn:
 
 
 class Session:
+    """One conversation with one loaded backend; the persona and ``/set`` values may change during it."""
+
     def __init__(
         self,
         backend: Backend,
@@ -41,32 +58,33 @@ class Session:
         store: Any = None,
         persona: Persona = NO_PERSONA,
         model_label: str = "",
-        preset: str | None = None,
-        config_sampling: Mapping[str, Any] | None = None,
-        flag_sampling: Mapping[str, Any] | None = None,
+        layers: SamplerLayers | None = None,
+        sampling: tuple[SamplerSettings, Mapping[str, str]] | None = None,
         system: str | None = None,
         conversation_id: str | None = None,
-        paths: Any = None,
+        user_name: str = "User",
     ) -> None:
+        """``sampling``: the settings already resolved from ``layers`` and ``persona`` (a request plan did it);
+        without it they are resolved here."""
         self.backend = backend
         self.catalog = catalog
         self.store = store
         self.model_label = model_label or backend.model_name
-        self.preset = preset
-        self.preset_values = _preset(preset, paths)
-        self.config_sampling = dict(config_sampling or {})
-        self.flag_sampling = dict(flag_sampling or {})
+        self.layers = layers or SamplerLayers()
         self.repl_sampling: dict[str, Any] = {}
         self.system_override = system
-        self.turns: list[Message] = []
-        self.turn_personas: list[str | None] = []
+        self.turns: list[Turn] = []
         self.conversation_id = conversation_id
-        self.last = Turn()
+        self.last = Answer()
         self.notes: list[str] = []  # messages for the user from the last operation
         self._replace_answer: int | None = None  # /retry: the saved answer the next one replaces
+        self.user_name = user_name  # what {{user}} becomes in the persona's text
+        self.last_prompt: Prompt | None = None  # the last assembled prompt: what fired and why (/info)
+        self._knowledge: KnowledgeState | None = None  # the persona's note retriever, made on first use
         self.persona = persona
         self.notes.extend(self.backend.apply(persona))
-        self.sampling, self.sampling_sources = self._resolve_sampling()
+        settings, sources = sampling or self._resolve_sampling()
+        self.sampling, self.sampling_sources = settings, dict(sources)
         if conversation_id and store is not None:
             self._load(conversation_id)
 
@@ -79,6 +97,7 @@ class Session:
         persona = self.catalog.resolve(spec)
         old = self.persona
         self.persona = persona
+        self._knowledge = None
         try:
             self.sampling, self.sampling_sources = self._resolve_sampling()
             self.notes.extend(self.backend.apply(persona))
@@ -88,7 +107,8 @@ class Session:
             self.backend.apply(old)
             raise
         if self.store is not None and self.conversation_id:
-            self.store.update_conversation(self.conversation_id, persona=persona.spec or persona.label)  # `chat -c` resumes with it
+            # `chat -c` resumes with it
+            self.store.update_conversation(self.conversation_id, persona=persona.spec or persona.label)
         return persona
 
     def set_part_scale(self, key: str, value: str) -> Persona:
@@ -100,7 +120,9 @@ class Session:
         kind, _, rest = key.partition(".")
         name, _, attr = rest.rpartition(".")
         if kind not in ("adapter", "steering") or attr != "scale" or not name:
-            raise UsageError(f"{key}: not a part setting", "write adapter.NAME.scale VALUE or steering.NAME.scale VALUE")
+            raise UsageError(
+                f"{key}: not a part setting", "write adapter.NAME.scale VALUE or steering.NAME.scale VALUE"
+            )
         try:
             scale = float(value)
         except ValueError:
@@ -123,7 +145,7 @@ class Session:
             )
         name = matched[0]
         updated = tuple(dataclasses.replace(p, scale=scale) if p.name == name else p for p in parts)
-        persona = dataclasses.replace(self.persona, **{field_name: updated})
+        persona = dataclasses.replace(self.persona, **{field_name: updated})  # type: ignore[arg-type]
         old = self.persona
         self.persona = persona
         try:
@@ -148,28 +170,16 @@ class Session:
         except SamplingError:
             self.repl_sampling = previous
             raise
-        if key in self.flag_sampling:
+        if key in self.layers.flags:
             self.notes.append(f"note: {key} is also set by a command-line flag, which wins")
 
     def _resolve_sampling(self) -> tuple[SamplerSettings, dict[str, str]]:
-        layers = [
-            ("defaults", {}),
-            ("config", self.config_sampling),
-            (f"preset {self.preset}", self.preset_values),
-            (f"card {self.persona.label}", self.persona.sampling),
-            ("/set", self.repl_sampling),
-            ("flags", self.flag_sampling),
-        ]
-        return resolve_sampling(layers)
+        return self.layers.resolve(self.persona.label, self.persona.sampling, self.repl_sampling)
 
     @property
     def system_prompt(self) -> str:
-        system = self.system_override if self.system_override is not None else self.persona.system
-        if self.persona.knowledge:
-            block = "What you know:\n" + "\n".join(f"- {k}" for k in self.persona.knowledge)
-            if not system.endswith(block):  # a prompt restored from history already has it
-                system = f"{system}\n\n{block}".strip()
-        return system
+        """The system message without what fires per turn (chat.prompt builds it)."""
+        return static_system(self.persona, user_name=self.user_name, system=self.system_override)
 
     def set_system(self, text: str | None) -> None:
         """``/system``: replace the system prompt (None restores the persona's); saved with the conversation."""
@@ -178,25 +188,32 @@ class Session:
             self.store.update_conversation(self.conversation_id, system=self.system_prompt)
 
     def fixed_messages(self) -> list[Message]:
-        out: list[Message] = []
-        if self.system_prompt:
-            out.append(Message("system", self.system_prompt))
-        for ex in self.persona.examples:
-            out.append(Message("user", ex.user))
-            out.append(Message("assistant", ex.assistant))
-        return out
+        return self.assemble(self.messages()).fixed
+
+    def assemble(self, conversation: list[Message]) -> Prompt:
+        """The prompt for ``conversation`` as this session's persona (chat.prompt.assemble, the one place)."""
+        if self._knowledge is None:
+            self._knowledge = knowledge_state(self.persona)
+            if self._knowledge.problem:
+                self.notes.append(self._knowledge.problem)
+        return assemble(
+            self.persona,
+            conversation,
+            user_name=self.user_name,
+            system=self.system_override,
+            retriever=self._knowledge.retriever,
+            rng=self._knowledge.rng,
+        )
 
     # --- conversation -------------------------------------------------------------------
 
     def send(self, text: str) -> Iterator[str]:
         """Add the user's message and stream the answer. Closing the iterator interrupts it."""
-        self.turns.append(Message("user", text))
-        self.turn_personas.append(None)
+        self.turns.append(Turn("user", text))
         try:
             fitted, stream = self._open()
         except ChatError:  # refused before generation: nothing is saved, the conversation is as it was
             self.turns.pop()
-            self.turn_personas.pop()
             raise
         self._save("user", text)
         return self._stream(fitted, stream)
@@ -205,12 +222,11 @@ class Session:
         """``/retry``: drop the last answer and answer the same message again."""
         if not self.turns or self.turns[-1].role != "assistant":
             raise ChatError("nothing to retry", "send a message first")
-        old, old_persona = self.turns.pop(), self.turn_personas.pop()
+        old = self.turns.pop()
         try:
             fitted, stream = self._open()
         except ChatError:
             self.turns.append(old)
-            self.turn_personas.append(old_persona)
             raise
         if self.store is not None and self.conversation_id:  # the saved answer is replaced once the new one ends
             last = self.store.messages(self.conversation_id)[-1:]
@@ -222,14 +238,10 @@ class Session:
         if not self.turns:
             raise ChatError("nothing to undo")
         removed = 0
-        if self.turns[-1].role == "assistant":
-            self.turns.pop()
-            self.turn_personas.pop()
-            removed += 1
-        if self.turns and self.turns[-1].role == "user":
-            self.turns.pop()
-            self.turn_personas.pop()
-            removed += 1
+        for role in ("assistant", "user"):
+            if self.turns and self.turns[-1].role == role:
+                self.turns.pop()
+                removed += 1
         if self.store is not None and self.conversation_id:
             self.store.delete_last_exchange(self.conversation_id)
         return removed
@@ -237,7 +249,6 @@ class Session:
     def clear(self) -> None:
         """``/clear``: start a new conversation with the same model and persona."""
         self.turns.clear()
-        self.turn_personas.clear()
         self.conversation_id = None
 
     @property
@@ -245,18 +256,17 @@ class Session:
         """How ``--json`` and history name the persona: the card or mix, ``default`` for none."""
         return self.persona.label
 
+    def messages(self) -> list[Message]:
+        """The conversation so far as the backend sees it (without system prompt and examples)."""
+        return [t.message for t in self.turns]
+
     def preview(self, text: str | None = None) -> tuple[str, int]:
         """The exact prompt the model would get next (with ``text`` as the user's message, if given) and its tokens.
 
         Nothing is generated or saved; the conversation stays as it is.
         """
-        if text is not None:
-            self.turns.append(Message("user", text))
-        try:
-            fitted = self._fit()
-        finally:
-            if text is not None:
-                self.turns.pop()
+        extra = [Message("user", text)] if text is not None else []
+        fitted = self._fit(extra)
         render = getattr(self.backend, "render", None)
         rendered = render(fitted.messages) if render else "\n".join(f"{m.role}: {m.content}" for m in fitted.messages)
         return rendered, fitted.prompt_tokens
@@ -266,9 +276,14 @@ class Session:
         fitted = self._fit()
         return fitted, self.backend.stream(fitted.messages, self.sampling)
 
-    def _fit(self) -> Fitted:
+    def _fit(self, extra: list[Message] | None = None) -> Fitted:
+        prompt = self.assemble(_alternating(self.messages() + (extra or [])))
+        self.last_prompt = prompt
         fitted = fit_context(
-            self.fixed_messages(), _alternating(self.turns), self.backend.count_tokens, self.backend.context_size,
+            prompt.fixed,
+            prompt.conversation,
+            self.backend.count_tokens,
+            self.backend.context_size,
             self.sampling.max_tokens,
         )
         if fitted.dropped:
@@ -278,6 +293,12 @@ class Session:
         return fitted
 
     def _stream(self, fitted: Fitted, stream: Iterator[str | Finish]) -> Iterator[str]:
+        """Yield the answer's text; however it ends, what was said is kept, saved and marked.
+
+        A Finish from the backend says how it ended; without one, an exception (a ChatError or a
+        backend's bug) is an ``error`` finish and propagates, and anything else — the iterator
+        closed, Ctrl-C, a stop signal — is ``interrupted``.
+        """
         parts: list[str] = []
         finish: Finish | None = None
         started = time.perf_counter()
@@ -289,19 +310,18 @@ class Session:
                 else:
                     parts.append(item)
                     yield item
-        except ChatError:
+        except Exception:
             failed = True
             raise
         finally:
-            stream.close()
+            stream.close()  # type: ignore[attr-defined]  # a generator
             if finish is None:  # closed early, interrupted or failed: keep what we have
                 elapsed = time.perf_counter() - started
-                reason = "error" if failed else "interrupted"
+                reason: FinishReason = "error" if failed else "interrupted"
                 finish = Finish(reason, Usage(prompt_tokens=fitted.prompt_tokens), Timings(prompt_s=elapsed))
             text = "".join(parts)
-            self.turns.append(Message("assistant", text))
-            self.turn_personas.append(self.persona.label)
-            self.last = Turn(text, finish, fitted.dropped)
+            self.turns.append(Turn("assistant", text, self.persona.label))
+            self.last = Answer(text, finish, fitted.dropped)
             self._save("assistant", text, finish)
 
     # --- saving -------------------------------------------------------------------------
@@ -321,8 +341,13 @@ class Session:
         elif self._replace_answer is not None:
             replace, self._replace_answer = self._replace_answer, None
             self.store.update_message(
-                replace, content=text, persona=self.persona.label, model=self.model_label,
-                finish_reason=finish.reason, usage=finish.usage, timings=finish.timings,
+                replace,
+                content=text,
+                persona=self.persona.label,
+                model=self.model_label,
+                finish_reason=finish.reason,
+                usage=finish.usage,
+                timings=finish.timings,
             )
         else:
             self.store.add_message(
@@ -343,11 +368,12 @@ class Session:
             self.system_override = conv.system  # a --system or /system given earlier in this conversation
         for m in self.store.messages(conv.id):
             if m.role in ("user", "assistant"):
-                self.turns.append(Message(m.role, m.content))
-                self.turn_personas.append(m.persona)
+                self.turns.append(Turn(m.role, m.content, m.persona))
 
     def context_used(self) -> int:
-        return self.backend.count_tokens(self.fixed_messages() + self.turns) if self.turns or self.fixed_messages() else 0
+        """Tokens the conversation takes now (for the REPL's toolbar and /info)."""
+        messages = self.fixed_messages() + self.messages()
+        return self.backend.count_tokens(messages) if messages else 0
 
 
 def _alternating(turns: list[Message]) -> list[Message]:
@@ -362,12 +388,4 @@ def _alternating(turns: list[Message]) -> list[Message]:
     return out
 
 
-def _preset(name: str | None, paths: Any) -> dict[str, Any]:
-    if not name:
-        return {}
-    from chat.presets import load_preset
-
-    return load_preset(name, paths)
-
-
-__all__ = ["Session", "Turn", "BUILTIN_PRESETS"]
+__all__ = ["Answer", "Session", "Turn"]

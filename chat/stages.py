@@ -23,9 +23,9 @@ Stages are pure numpy; this module imports no backend library.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable, Hashable, MutableSequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -33,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from chat.errors import SamplingError
 
 STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+MAX_TABLES = 8  # derived tables kept per vocabulary (one per distinct set of DRY breakers, say)
+T = TypeVar("T")
 
 
 class StageParams(BaseModel):
@@ -60,6 +62,7 @@ class Vocabulary:
         self._tokenize = tokenize
         self._texts: list[str] | None = None
         self._cache: dict[int, str] = {}
+        self._tables: dict[Hashable, Any] = {}
 
     def token_text(self, token: int) -> str:
         if self._texts is not None:
@@ -79,6 +82,18 @@ class Vocabulary:
         if self._texts is None:
             self._texts = [self.token_text(t) for t in range(self.size)]
         return self._texts
+
+    def table(self, key: Hashable, build: Callable[[], T]) -> T:
+        """A table derived from this vocabulary (e.g. DRY's sequence breakers), built once per ``key``.
+
+        It is kept on the vocabulary itself, so it lives and dies with it (a cache keyed by
+        ``id(vocabulary)`` could hand a new vocabulary the table of a collected one).
+        """
+        if key not in self._tables:
+            if len(self._tables) >= MAX_TABLES:
+                self._tables.clear()
+            self._tables[key] = build()
+        return self._tables[key]
 
 
 @dataclass
@@ -164,16 +179,23 @@ def run_stage(stage: SamplerStage, logits: np.ndarray, context: StageContext, pa
     except SamplingError:
         raise
     except Exception as exc:
-        raise SamplingError(f"sampler stage {stage.name!r} failed: {type(exc).__name__}: {exc}", "check its parameters, or remove it from `order`") from exc
+        raise SamplingError(
+            f"sampler stage {stage.name!r} failed: {type(exc).__name__}: {exc}",
+            "check its parameters, or remove it from `order`",
+        ) from exc
     out = np.asarray(out, dtype=np.float32)
     if out.shape != logits.shape:
-        raise SamplingError(f"sampler stage {stage.name!r} returned shape {out.shape}, expected {logits.shape}", "a stage returns one logit per vocabulary entry")
+        raise SamplingError(
+            f"sampler stage {stage.name!r} returned shape {out.shape}, expected {logits.shape}",
+            "a stage returns one logit per vocabulary entry",
+        )
     if np.isnan(out).any():
         raise SamplingError(f"sampler stage {stage.name!r} returned NaN logits", "return finite values or -inf")
     removed = np.isneginf(logits)
     if removed.any():
         out = np.where(removed, np.float32(-np.inf), out)
     if not np.isfinite(out).any() and np.isfinite(logits).any():
-        raise SamplingError(f"sampler stage {stage.name!r} removed every candidate token", f"loosen {stage.name}'s parameters")
+        raise SamplingError(
+            f"sampler stage {stage.name!r} removed every candidate token", f"loosen {stage.name}'s parameters"
+        )
     return out
-

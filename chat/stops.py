@@ -32,11 +32,12 @@ class StopHolder:
         return self._take(len(self._pending) - self._held_back())
 
     def finish(self) -> str:
-        """The end of the answer (EOS, length): release what was held back."""
+        """The end of the answer (EOS, length): release what was held back — except the beginning
+        of a stop string, which is never shown in part (``--max-tokens`` ending inside ``<|im_end|>``)."""
         if self.stopped:
             return ""
         self.stopped = True
-        return self._take(len(self._pending), rest="")
+        return self._take(len(self._pending) - self._held_back(), rest="")
 
     def _held_back(self) -> int:
         """Length of the longest suffix of the pending text that starts a stop string."""

@@ -8,151 +8,52 @@ the process (not necessarily across a power cut), and a busy timeout lets two
 chat processes share it. Every sqlite3 failure reaches the user as a
 :class:`StoreError` naming the file and a way out, never as a traceback.
 
-The schema version lives in ``PRAGMA user_version``; :data:`MIGRATIONS` lists
-the steps that bring an older file up to :data:`SCHEMA_VERSION`.
+The schema and its migrations live in :mod:`chat.store_schema`, the read queries
+and the records they return in :mod:`chat.store_reading`, the Markdown transcript
+in :mod:`chat.transcript`; this module owns the connection, its lock, writing and errors.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from chat.backend import Message, Timings, Usage
+from chat.backend import Timings, Usage
 from chat.errors import StoreError
+from chat.store_reading import (
+    CONVERSATION_SELECT,
+    MESSAGE_SELECT,
+    Conversation,
+    SearchHit,
+    StoredMessage,
+    conversation_from_row,
+    search_messages,
+)
+from chat.store_schema import (
+    MIGRATIONS,
+    NO_HISTORY_HINT,
+    SCHEMA_VERSION,
+    empty_history,
+    fts5_available,
+    has_table,
+    migrate,
+    rollback,
+)
 
-SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 5.0
 ID_BYTES = 6  # 12 hex characters: short enough to type, random so short prefixes are unique
 TITLE_CHARS = 80
 
-_HINT = "set CHAT_DATA_DIR to a writable folder, or run with --no-history"
+_HINT = NO_HISTORY_HINT
 _FIND_IDS = "`chat history list` shows recent conversations; `chat history search TEXT` finds one by its words"
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """One saved conversation's metadata (its messages come from :meth:`Store.messages`)."""
-
-    id: str
-    created_at: str  # ISO 8601, UTC
-    updated_at: str  # time of the last message added
-    title: str  # the first user message, on one line and shortened
-    model: str | None
-    persona: str | None  # label of the persona (or mix) the conversation started with
-    system: str | None  # the system prompt it started with
-    sampling: dict[str, Any]
-    message_count: int
-
-
-@dataclass(frozen=True)
-class StoredMessage:
-    """One saved message with what it cost to produce."""
-
-    id: int
-    conversation_id: str
-    seq: int  # position within the conversation, from 1
-    role: str
-    content: str
-    persona: str | None  # the persona or mix that produced an answer, e.g. "teacher:0.7,pirate:0.3"
-    model: str | None
-    created_at: str
-    finish_reason: str | None  # stop / length / interrupted / error; None for user messages
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    ttft_s: float | None
-    tokens_per_s: float | None
-
-    def to_message(self) -> Message:
-        """The message as the backend sees it."""
-        return Message(self.role, self.content)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    """A message that matched :meth:`Store.search`."""
-
-    conversation_id: str
-    message_id: int
-    role: str
-    snippet: str  # the matching part of the message, on one line
-    created_at: str
-
-
-# --- schema ------------------------------------------------------------------------------
-
-_SCHEMA_V1 = [
-    """CREATE TABLE conversations (
-        id TEXT PRIMARY KEY,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        title TEXT NOT NULL DEFAULT '',
-        model TEXT,
-        persona TEXT,
-        system TEXT,
-        sampling TEXT NOT NULL DEFAULT '{}'
-    )""",
-    "CREATE INDEX conversations_updated ON conversations (updated_at)",
-    """CREATE TABLE messages (
-        id INTEGER PRIMARY KEY,
-        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        seq INTEGER NOT NULL,
-        role TEXT NOT NULL,
-        content TEXT NOT NULL,
-        persona TEXT,
-        model TEXT,
-        created_at TEXT NOT NULL,
-        finish_reason TEXT,
-        prompt_tokens INTEGER,
-        completion_tokens INTEGER,
-        ttft_s REAL,
-        tokens_per_s REAL,
-        UNIQUE (conversation_id, seq)
-    )""",
-]
-
-# An external-content FTS5 index over messages.content, kept in step by triggers.
-_FTS_SCHEMA = [
-    "CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='messages', content_rowid='id')",
-    """CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
-        INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
-    END""",
-    """CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
-        INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
-    END""",
-    """CREATE TRIGGER messages_fts_update AFTER UPDATE OF content ON messages BEGIN
-        INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
-        INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
-    END""",
-    "INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')",
-]
-
-
-def _migrate_to_1(db: sqlite3.Connection) -> None:
-    for statement in _SCHEMA_V1:
-        db.execute(statement)
-
-
-# MIGRATIONS[n] turns a version n-1 file into version n; each runs inside the same
-# write transaction that bumps user_version, so a half-migrated file never exists.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_to_1}
-
-
-def fts5_available() -> bool:
-    """Whether this Python's SQLite was built with FTS5 (search falls back to LIKE without it)."""
-    try:
-        sqlite3.connect(":memory:").execute("CREATE VIRTUAL TABLE t USING fts5(x)")
-    except sqlite3.Error:
-        return False
-    return True
 
 
 def _now() -> str:
@@ -215,21 +116,24 @@ class Store:
         from urllib.parse import quote
 
         if not self.path.is_file():
-            self._db = _empty_history()  # no history yet: every read finds nothing
+            self._db = empty_history()  # no history yet: every read finds nothing
             return
         uri = "file:" + quote(str(self.path.resolve()))
         for extra in ("?mode=ro", "?mode=ro&immutable=1"):
             try:
-                db = sqlite3.connect(uri + extra, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                     check_same_thread=False)
+                db = sqlite3.connect(
+                    uri + extra, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+                )
                 (version,) = db.execute("PRAGMA user_version").fetchone()
             except sqlite3.Error as exc:
                 last = exc
                 continue
             if version != SCHEMA_VERSION:
                 db.close()
-                raise StoreError(f"{self.path}: schema {version}, this chat reads {SCHEMA_VERSION}",
-                                 "run chat once with write access to upgrade it, or " + _HINT)
+                raise StoreError(
+                    f"{self.path}: schema {version}, this chat reads {SCHEMA_VERSION}",
+                    "run chat once with write access to upgrade it, or " + _HINT,
+                )
             self._db = db
             self.has_fts = self._has_table("messages_fts")
             return
@@ -353,7 +257,12 @@ class Store:
         model: str | None = None,
     ) -> None:
         """Change a saved message (e.g. an answer replaced by /retry); None leaves a field alone."""
-        fields: dict[str, Any] = {"content": content, "finish_reason": finish_reason, "persona": persona, "model": model}
+        fields: dict[str, Any] = {
+            "content": content,
+            "finish_reason": finish_reason,
+            "persona": persona,
+            "model": model,
+        }
         if usage is not None:
             fields |= {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
         if timings is not None:
@@ -398,10 +307,10 @@ class Store:
     def get_conversation(self, cid: str) -> Conversation:
         """The conversation with id ``cid``, or the only one whose id starts with it."""
         with self._read("cannot read the history") as db:
-            rows = db.execute(_CONVERSATION_SELECT + " WHERE c.id = ?", (cid,)).fetchall()
+            rows = db.execute(CONVERSATION_SELECT + " WHERE c.id = ?", (cid,)).fetchall()
             if not rows and cid:
                 rows = db.execute(
-                    _CONVERSATION_SELECT + " WHERE substr(c.id, 1, ?) = ? ORDER BY c.updated_at DESC LIMIT 6",
+                    CONVERSATION_SELECT + " WHERE substr(c.id, 1, ?) = ? ORDER BY c.updated_at DESC LIMIT 6",
                     (len(cid), cid.lower()),
                 ).fetchall()
         if not rows:
@@ -409,22 +318,23 @@ class Store:
         if len(rows) > 1:
             ids = ", ".join(r[0] for r in rows[:5]) + (", …" if len(rows) > 5 else "")
             raise StoreError(f"conversation id {cid!r} is ambiguous: it starts {ids}", "type more of the id")
-        return _conversation(rows[0])
+        return conversation_from_row(rows[0])
 
     def messages(self, cid: str) -> list[StoredMessage]:
         """The conversation's messages in order (``cid`` may be a unique prefix)."""
         full = self.get_conversation(cid).id
         with self._read("cannot read the history") as db:
-            rows = db.execute(_MESSAGE_SELECT + " WHERE conversation_id = ? ORDER BY seq", (full,)).fetchall()
+            rows = db.execute(MESSAGE_SELECT + " WHERE conversation_id = ? ORDER BY seq", (full,)).fetchall()
         return [StoredMessage(*row) for row in rows]
 
     def list_conversations(self, limit: int | None = 20) -> list[Conversation]:
         """The most recently updated conversations, newest first (all of them when ``limit`` is None)."""
         with self._read("cannot read the history") as db:
             rows = db.execute(
-                _CONVERSATION_SELECT + " ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?", (-1 if limit is None else limit,)
+                CONVERSATION_SELECT + " ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?",
+                (-1 if limit is None else limit,),
             ).fetchall()
-        return [_conversation(r) for r in rows]
+        return [conversation_from_row(r) for r in rows]
 
     def count_conversations(self) -> int:
         with self._read("cannot read the history") as db:
@@ -435,71 +345,28 @@ class Store:
 
         ``mark`` wraps the matched words in the snippet, e.g. ``("[", "]")``.
         """
-        words = text.split()
-        if not words:
-            return []
         with self._read("cannot search the history") as db:
-            if self.has_fts:
-                query = " ".join('"' + w.replace('"', '""') + '"*' for w in words)
-                rows = db.execute(
-                    "SELECT m.conversation_id, m.id, m.role, snippet(messages_fts, 0, ?, ?, '…', 16), m.created_at"
-                    " FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
-                    " WHERE messages_fts MATCH ? ORDER BY rank, m.id DESC LIMIT ?",
-                    (*mark, query, limit),
-                ).fetchall()
-                return [SearchHit(cid, mid, role, " ".join(snip.split()), at) for cid, mid, role, snip, at in rows]
-            where = " AND ".join(["content LIKE ? ESCAPE '\\'"] * len(words))
-            patterns = ["%" + re.sub(r"([\\%_])", r"\\\1", w) + "%" for w in words]
-            rows = db.execute(
-                f"SELECT conversation_id, id, role, content, created_at FROM messages WHERE {where}"
-                " ORDER BY id DESC LIMIT ?",
-                (*patterns, limit),
-            ).fetchall()
-        return [SearchHit(cid, mid, role, _snippet(body, words[0], mark), at) for cid, mid, role, body, at in rows]
+            return search_messages(db, text, fts=self.has_fts, limit=limit, mark=mark)
 
     def export(self, cid: str, format: Literal["json", "md"] = "md") -> str:
         """The conversation as JSON (metadata + messages) or as a readable Markdown transcript."""
         conv = self.get_conversation(cid)
         messages = self.messages(conv.id)
         if format == "json":
-            return json.dumps(
-                {**asdict(conv), "messages": [asdict(m) for m in messages]}, indent=2, ensure_ascii=False
-            )
+            return json.dumps({**asdict(conv), "messages": [asdict(m) for m in messages]}, indent=2, ensure_ascii=False)
         if format == "md":
-            return _markdown(conv, messages)
+            from chat.transcript import markdown_transcript
+
+            return markdown_transcript(conv, messages)
         raise StoreError(f"export format {format!r} is unknown", "use json or md")
 
     # --- internals ---------------------------------------------------------------------
 
     def _migrate(self) -> None:
-        db = self._conn()
-        (version,) = db.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: written by a newer chat (schema {version}, this one knows {SCHEMA_VERSION})",
-                "upgrade chat, or " + _HINT,
-            )
-        want_fts = fts5_available()
-        if version == SCHEMA_VERSION and (self._has_table("messages_fts") or not want_fts):
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            # Read again under the write lock: another process may have migrated meanwhile.
-            (version,) = db.execute("PRAGMA user_version").fetchone()
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                MIGRATIONS[step](db)
-            if want_fts and not self._has_table("messages_fts"):
-                for statement in _FTS_SCHEMA:
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            _rollback(db)
-            raise
+        migrate(self._conn(), self.path)
 
     def _has_table(self, name: str) -> bool:
-        row = self._conn().execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone()
-        return row is not None
+        return has_table(self._conn(), name)
 
     def _delete_last(self, db: sqlite3.Connection, cid: str, role: str) -> int:
         row = db.execute(
@@ -530,7 +397,7 @@ class Store:
                 yield db
                 db.execute("COMMIT")
             except BaseException:
-                _rollback(db)
+                rollback(db)
                 raise
 
     @contextlib.contextmanager
@@ -561,87 +428,12 @@ class Store:
         return StoreError(f"there is no saved conversation {cid!r}", _FIND_IDS)
 
 
-def _empty_history() -> sqlite3.Connection:
-    """An in-memory database with the schema: what reading a history that does not exist yet finds."""
-    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-    for step in range(1, SCHEMA_VERSION + 1):
-        MIGRATIONS[step](db)
-    return db
-
-
-def _rollback(db: sqlite3.Connection) -> None:
-    # SQLite rolls back by itself after some errors (a full disk); don't mask the first error.
-    if db.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-
-
-_CONVERSATION_SELECT = (
-    "SELECT c.id, c.created_at, c.updated_at, c.title, c.model, c.persona, c.system, c.sampling,"
-    " (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) FROM conversations c"
-)
-_MESSAGE_SELECT = (
-    "SELECT id, conversation_id, seq, role, content, persona, model, created_at, finish_reason,"
-    " prompt_tokens, completion_tokens, ttft_s, tokens_per_s FROM messages"
-)
-
-
-def _conversation(row: tuple[Any, ...]) -> Conversation:
-    cid, created, updated, title, model, persona, system, sampling, count = row
-    try:
-        settings = json.loads(sampling) if sampling else {}
-    except ValueError:
-        settings = {}
-    return Conversation(cid, created, updated, title, model, persona, system, settings, count)
-
-
-def _snippet(content: str, word: str, mark: tuple[str, str], width: int = 60) -> str:
-    """A one-line window of ``content`` around the first ``word`` (the LIKE fallback's snippet)."""
-    line = " ".join(content.split())
-    at = line.lower().find(word.lower())
-    if at < 0:
-        return line[:width] + ("…" if len(line) > width else "")
-    start = max(0, at - width // 2)
-    end = min(len(line), at + len(word) + width // 2)
-    found = line[at : at + len(word)]
-    return (
-        ("…" if start else "")
-        + line[start:at]
-        + mark[0]
-        + found
-        + mark[1]
-        + line[at + len(word) : end]
-        + ("…" if end < len(line) else "")
-    )
-
-
-_FINISH_NOTES = {
-    "interrupted": "*[interrupted]*",
-    "length": "*[cut off at the token limit]*",
-    "error": "*[ended with an error]*",
-}
-
-
-def _markdown(conv: Conversation, messages: list[StoredMessage]) -> str:
-    lines = [f"# {conv.title or 'Conversation ' + conv.id}", ""]
-    facts = [f"id `{conv.id}`", f"started {conv.created_at[:16].replace('T', ' ')} UTC"]
-    if conv.model:
-        facts.append(f"model `{conv.model}`")
-    if conv.persona:
-        facts.append(f"persona `{conv.persona}`")
-    lines += [" · ".join(facts), ""]
-    if conv.system:
-        lines += ["## System", "", conv.system.strip(), ""]
-    for m in messages:
-        if m.role == "assistant":
-            heading = f"## Assistant ({m.persona})" if m.persona and m.persona != "default" else "## Assistant"
-        else:
-            heading = f"## {m.role.capitalize()}"
-        lines += [heading, "", m.content.strip()]
-        if m.finish_reason in _FINISH_NOTES:
-            lines += ["", _FINISH_NOTES[m.finish_reason]]
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-__all__ = ["Store", "Conversation", "StoredMessage", "SearchHit", "SCHEMA_VERSION", "MIGRATIONS", "fts5_available"]
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Conversation",
+    "SearchHit",
+    "Store",
+    "StoredMessage",
+    "fts5_available",
+]

@@ -104,7 +104,9 @@ def choose_template(
         table = known_templates()
         if override in table:
             known = table[override]
-            return ChatTemplate(known.source, name=known.name, reason=f"set by {override_from}", stops=known.stops, **kw)
+            return ChatTemplate(
+                known.source, name=known.name, reason=f"set by {override_from}", stops=known.stops, **kw
+            )
         path = Path(override).expanduser()
         if not path.is_file():
             raise ModelError(
@@ -112,24 +114,34 @@ def choose_template(
                 f"known templates: {', '.join(table)}; or give the path of a Jinja file",
             )
         if path.stat().st_size > MAX_TEMPLATE_FILE:
-            raise ModelError(f"{override_from} {override}: larger than {MAX_TEMPLATE_FILE >> 20} MiB", "that is not a chat template")
+            raise ModelError(
+                f"{override_from} {override}: larger than {MAX_TEMPLATE_FILE >> 20} MiB", "that is not a chat template"
+            )
         try:
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ModelError(f"{override_from} {override}: cannot read it ({exc})", "give a UTF-8 Jinja file") from None
         family = family_of(source)
         template = ChatTemplate(
-            source, name=family.name if family else path.name, reason=f"the file {path}, set by {override_from}",
-            stops=family.stops if family else (), **kw,
+            source,
+            name=family.name if family else path.name,
+            reason=f"the file {path}, set by {override_from}",
+            stops=family.stops if family else (),
+            **kw,
         )
         if template.compile_error:
-            raise ModelError(f"{override_from} {override}: the template does not compile: {template.compile_error}", "fix the file")
+            raise ModelError(
+                f"{override_from} {override}: the template does not compile: {template.compile_error}", "fix the file"
+            )
         return template
     if file_source:
         family = family_of(file_source)
         template = ChatTemplate(
-            file_source, name=family.name if family else "custom", reason="the file's own tokenizer.chat_template",
-            stops=family.stops if family else (), **kw,
+            file_source,
+            name=family.name if family else "custom",
+            reason="the file's own tokenizer.chat_template",
+            stops=family.stops if family else (),
+            **kw,
         )
         if not template.compile_error:
             return template
@@ -138,6 +150,7 @@ def choose_template(
         why = "the file has no chat template; "
     known, how = detect_template(has_token, architecture)
     return ChatTemplate(known.source, name=known.name, reason=why + how, stops=known.stops, **kw)
+
 
 _PROBE = "\u2063system-probe\u2063"
 
@@ -324,10 +337,9 @@ def _bounded_filter(fn: Any) -> Any:
 
 
 def _environment() -> Any:
+    from jinja2.compiler import CodeGenerator
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    from jinja2.compiler import CodeGenerator
 
     class BoundedCodeGenerator(CodeGenerator):
         """``a ~ b`` goes through :meth:`BoundedEnvironment.bounded_concat` (Jinja joins strings directly)."""
@@ -361,8 +373,10 @@ def _environment() -> Any:
             if operator == "*" and isinstance(right, int) and isinstance(left, int):
                 if left.bit_length() + right.bit_length() > 8 * MAX_SIZE:
                     raise TemplateBoundError("the template builds a huge number")
-            elif operator == "*" and (_size(left) * (right if isinstance(right, int) else 1) > MAX_SIZE
-                                      or _size(right) * (left if isinstance(left, int) else 1) > MAX_SIZE):
+            elif operator == "*" and (
+                _size(left) * (right if isinstance(right, int) else 1) > MAX_SIZE
+                or _size(right) * (left if isinstance(left, int) else 1) > MAX_SIZE
+            ):
                 raise TemplateBoundError("the template builds a huge value")
             if operator == "+" and _size(left) + _size(right) > MAX_SIZE:
                 raise TemplateBoundError("the template builds a huge value")
@@ -431,8 +445,11 @@ class TemplateSelector:
         model: str,
     ) -> None:
         self._kw: dict[str, Any] = {
-            "has_token": has_token, "architecture": architecture, "bos_token": bos_token,
-            "eos_token": eos_token, "model": model,
+            "has_token": has_token,
+            "architecture": architecture,
+            "bos_token": bos_token,
+            "eos_token": eos_token,
+            "model": model,
         }
         self._pinned = bool(override) and override_from == "--template"
         self.base = choose_template(file_source, override=override, override_from=override_from, **self._kw)

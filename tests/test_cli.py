@@ -253,3 +253,12 @@ def test_a_backend_whose_library_is_missing_says_how_to_install_it(cli, monkeypa
     r = cli("-m", str(tiny_gguf), "--no-history", "hi")
     assert r.exit_code == 3 and "Traceback" not in r.stderr
     assert "needs the Python package 'llama_cpp'" in r.stderr and 'pip install "chat[llamacpp]"' in r.stderr
+
+
+def test_every_sampler_layer_is_checked_before_a_model_is_looked_for(cli, chat_home, tmp_path):
+    cfg = chat_home / "config"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "config.toml").write_text("[sampling]\ntop_p = 7\n")
+    r = cli("-m", str(tmp_path / "missing.gguf"), "--no-history", "hi")
+    assert r.exit_code == 2
+    assert "config: top_p=7" in r.stderr and "missing.gguf" not in r.stderr

@@ -358,7 +358,7 @@ def test_round_trip_peft_loads_in_peft(lora_a_gguf, lora_a_peft, tiny_hf_dir, tm
 def test_adapter_for_another_base_is_refused_naming_the_tensor(lora_a_peft, lora_a_gguf, tiny_hf_dir, tmp_path):
     wide = json.loads((tiny_hf_dir / "config.json").read_text())
     wide.update(hidden_size=128, head_dim=32)
-    with pytest.raises(AdapterError, match=r"tensor blk\.0\.\w+\.weight") as err:
+    with pytest.raises(AdapterError, match=r"tensor base_model\.model\.model\.layers\.0\.\S+ has shape") as err:
         peft_to_gguf(lora_a_peft, wide, tmp_path / "x.gguf")
     assert "another base" in err.value.hint
     shallow = dict(json.loads((tiny_hf_dir / "config.json").read_text()), num_hidden_layers=1)
@@ -370,9 +370,9 @@ def test_adapter_for_another_base_is_refused_naming_the_tensor(lora_a_peft, lora
 def test_broken_gguf_adapters_are_refused(bad_model_files, tiny_hf_dir, tmp_path):
     with pytest.raises(AdapterError, match=r"blk\.9\.attn_q\.weight"):
         gguf_adapter_to_peft(bad_model_files["lora_unknown_tensor"], tiny_hf_dir, tmp_path / "u")
-    with pytest.raises(AdapterError, match="INT32"):
+    with pytest.raises(AdapterError, match="stored as int32"):
         read_gguf_adapter(bad_model_files["lora_alpha_int32"])
-    with pytest.raises(AdapterError, match="attn_k"):
+    with pytest.raises(AdapterError, match="attn_q.weight is 64×64 in the base"):  # as llama.cpp says it
         gguf_adapter_to_peft(bad_model_files["lora_wrong_shape"], tiny_hf_dir, tmp_path / "s")
 
 

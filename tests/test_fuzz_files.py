@@ -88,13 +88,13 @@ def check_model(path: Path) -> None:
 
 
 def check_adapter(path: Path, base) -> None:
-    from chat.gguf_parts import check_lora, read_lora
+    from chat.parts.lora import check_lora, read_lora
 
     check_lora(read_lora(path), base)
 
 
 def check_vector(path: Path, base) -> None:
-    from chat.gguf_parts import check_vector as fits, read_vector
+    from chat.parts.vector import check_vector as fits, read_vector
 
     fits(read_vector(path), base)
 
@@ -140,9 +140,9 @@ def load_in_a_child(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def originals(tiny_gguf, lora_a_gguf, cvec_gguf, lora_a_peft):
-    from chat.gguf_parts import BaseModel
+    from chat.parts.shape import BaseShape
 
-    base = BaseModel.from_gguf(tiny_gguf)
+    base = BaseShape.from_gguf(tiny_gguf)
     return {
         "model": (tiny_gguf.read_bytes(), 16384),
         "adapter": (lora_a_gguf.read_bytes(), 8192),

@@ -333,7 +333,7 @@ def test_peft_alpha_zero_is_refused_by_the_transformers_cli(subprocess_env, tmp_
 
 def test_one_reader_for_both_backends(tmp_path, tiny_cfg, lora_a, cvec_directions):
     """In-process: the transformers backend reads configs, weights and vectors with the core readers."""
-    from chat.convert.adapter import PEFT_DEFAULT_ALPHA, load_peft_config
+    from chat.parts.peft import PEFT_DEFAULT_ALPHA, load_peft_config
     from chat.errors import AdapterError
     from chat_plugins.transformers_backend.parts import _check_finite, read_control_vector
 

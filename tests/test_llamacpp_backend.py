@@ -17,11 +17,12 @@ llama_cpp = pytest.importorskip("llama_cpp")
 import modelfactory as mf  # noqa: E402
 from chat.backend import BackendOptions, Finish, Message  # noqa: E402
 from chat.errors import ContextOverflowError, ModelError, SamplingError  # noqa: E402
-from chat.sampling import SamplerSettings, set_plugin_stages, plugin_stages  # noqa: E402
+from chat.sampling import SamplerSettings  # noqa: E402
 from chat_plugins.llamacpp import LlamaCppBackend  # noqa: E402
 from chat_plugins.llamacpp.sampler import build_chain  # noqa: E402
 from chat.template import ChatTemplate  # noqa: E402
-from chat_plugins.llamacpp.textstream import TextAssembler  # noqa: E402
+from chat.stops import StopHolder  # noqa: E402
+from chat_plugins.llamacpp.textstream import PieceDecoder  # noqa: E402
 
 GREEDY = SamplerSettings(temperature=0.0)
 HELLO = [Message("system", "You are a helpful assistant."), Message("user", "Hello! Can you tell me a joke?")]
@@ -342,7 +343,7 @@ def test_chain_follows_the_order(backend):
 
 def surviving(b: LlamaCppBackend, settings: SamplerSettings, logits: list[float]) -> int:
     """Apply the chain (without its picking stage) to hand-made logits; count the candidates left."""
-    chain = build_chain(settings, vocab=b._vocab, n_vocab=b.n_vocab, n_ctx=b.context_size, plugin_stage=b.plugin_sampler, final=False)
+    chain = build_chain(settings, vocab=b.model.vocab, n_vocab=b.n_vocab, n_ctx=b.context_size, plugin_stage=b.plugin_sampler, final=False)
     try:
         data = (llama_cpp.llama_token_data * len(logits))(*[llama_cpp.llama_token_data(i, x, 0.0) for i, x in enumerate(logits)])
         arr = llama_cpp.llama_token_data_array(data, len(logits), -1, False)
@@ -382,16 +383,13 @@ def test_penalties_change_greedy_output(backend):
     assert all(a != b for a, b in zip(penalized, penalized[1:]))
 
 
-def test_plugin_stage_in_the_order_is_a_clear_error(backend):
-    saved = plugin_stages()
-    set_plugin_stages({**saved, "shout": object()})
-    try:
-        s = SamplerSettings(order=("top_k", "shout", "temperature"))
+def test_plugin_stage_in_the_order_is_a_clear_error(tiny_gguf):
+    stages = {"shout": object()}  # registered, but not a SamplerStage
+    with LlamaCppBackend(str(tiny_gguf), BackendOptions(threads=2), stages=stages) as b:
+        s = SamplerSettings.model_validate({"order": ("top_k", "shout", "temperature")}, context={"stages": stages})
         with pytest.raises(SamplingError, match="shout"):
-            backend.stream(HELLO, s)
-    finally:
-        set_plugin_stages(saved)
-    assert run(backend, HELLO, no_eog(backend, temperature=0.0, max_tokens=2))[1].reason == "length"
+            b.stream(HELLO, s)
+        assert run(b, HELLO, no_eog(b, temperature=0.0, max_tokens=2))[1].reason == "length"
 
 
 # --- templates -------------------------------------------------------------------------------
@@ -436,10 +434,10 @@ def test_bos_is_never_doubled(custom_gguf):
     with_bos = "{{ bos_token }}" + mf.CHATML_TEMPLATE
     for name, template in (("bos-in-template", with_bos), ("plain", mf.CHATML_TEMPLATE)):
         with LlamaCppBackend(str(custom_gguf(name, template)), BackendOptions(threads=2)) as b:
-            bos = b._bos
+            bos = b.model.bos
             assert b.template.bos_token == "<|endoftext|>"
-            b._add_bos = True  # as a file with tokenizer.ggml.add_bos_token = true says
-            b._prompt_cache.clear()
+            b.model.add_bos = True  # as a file with tokenizer.ggml.add_bos_token = true says
+            b.model.prompt_cache.clear()
             toks = b.prompt_tokens(HELLO)
             assert toks[0] == bos and toks[1] != bos, name
 
@@ -557,25 +555,29 @@ def test_close_frees_and_is_final(tiny_gguf):
 
 
 def test_text_never_splits_a_character():
-    t = TextAssembler()
     data = "你好🙂".encode()
-    chunks = [t.feed(data[i : i + 1]) for i in range(len(data))] + [t.finish()]
+    t = PieceDecoder(lambda i: data[i : i + 1])  # one byte per "token"
+    chunks = [t.feed(i) for i in range(len(data))] + [t.finish()]
     assert "".join(chunks) == "你好🙂"
     assert all("\ufffd" not in c for c in chunks)
-    t = TextAssembler()
-    assert t.feed("é".encode()[:1]) == "" and t.finish() == ""  # an unfinished character is dropped
+    t = PieceDecoder(lambda i: "é".encode()[:1])
+    assert t.feed(0) == "" and t.finish() == ""  # an unfinished character is dropped
 
 
 def test_text_holds_back_a_possible_stop_string():
-    t = TextAssembler(stop=("</s>", "User:"))
-    assert t.feed(b"Hello <") == "Hello "
-    assert t.feed(b"/") == ""
-    assert t.feed(b"x") == "</x"  # not a stop after all
-    assert t.feed(b" Use") == " "
-    assert t.feed(b"r: more") == "" and t.stopped
+    t = StopHolder(stop=("</s>", "User:"))
+    assert t.feed("Hello <") == "Hello "
+    assert t.feed("/") == ""
+    assert t.feed("x") == "</x"  # not a stop after all
+    assert t.feed(" Use") == " "
+    assert t.feed("r: more") == "" and t.stopped
     assert "".join(t.emitted) == "Hello </x "
-    t = TextAssembler(stop=("END",))
-    assert t.feed(b"the EN") == "the " and t.finish() == "EN"
+    t = StopHolder(stop=("END",))
+    assert t.feed("the EN") == "the " and t.finish() == ""  # never a stop string in part, even at the end
+    t = StopHolder(stop=("END",))
+    assert t.feed("the E") == "the " and t.finish() == ""
+    t = StopHolder(stop=("END",))
+    assert t.feed("the ENx") == "the ENx" and t.finish() == ""
 
 
 def test_memory_positions_the_list_does_not_know_are_dropped(tiny_gguf):
@@ -584,7 +586,7 @@ def test_memory_positions_the_list_does_not_know_are_dropped(tiny_gguf):
     with LlamaCppBackend(str(tiny_gguf), BackendOptions(threads=2)) as b:
         s = no_eog(b, temperature=0.0, max_tokens=12)
         run(b, HELLO, s)
-        del b._kv[-5:]  # the memory still holds these positions
+        del b.slot.kv[-5:]  # the memory still holds these positions
         run(b, turn2, s)
         got = b.stats.last.completion_ids
     with LlamaCppBackend(str(tiny_gguf), BackendOptions(threads=2)) as fresh:
@@ -610,8 +612,8 @@ def test_template_override_and_end_of_turn_markers_end_the_answer(tiny_gguf):
         text_of = {t: b.piece(t).decode("utf-8", "replace") for t in ids}
         k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i] and b.tokenize(text_of[ids[i]]) == [ids[i]])
         marker = text_of[ids[k]]
-        b._use_template(with_stops(b, marker))
-        assert b._stop_ids == {ids[k]}
+        b.slot.use_template(with_stops(b, marker))
+        assert b.slot.stop_ids == {ids[k]}
         short, finish = run(b, HELLO, greedy)
         assert finish.reason == "stop" and list(b.stats.last.completion_ids) == ids[:k]
         # a marker that is not one token (text spanning two tokens) is cut as a stop string
@@ -623,7 +625,7 @@ def test_template_override_and_end_of_turn_markers_end_the_answer(tiny_gguf):
                 and len(b.tokenize(span, special=True)) > 1 and ids[j + 1] not in ids[:j + 1]
         j = next(j for j in range(1, len(ids) - 1) if usable(j))
         span = pieces[j] + pieces[j + 1]
-        b._use_template(with_stops(b, span))
-        assert b._stop_ids == frozenset()
+        b.slot.use_template(with_stops(b, span))
+        assert b.slot.stop_ids == frozenset()
         cut, finish = run(b, HELLO, greedy)
         assert finish.reason == "stop" and span not in cut and cut == "".join(pieces[:j])

@@ -113,13 +113,13 @@ def test_scale_zero_is_the_base(backend, base_tokens, lora_a_gguf):
 
 def test_adapters_are_loaded_once_and_switching_never_reloads_the_base(tiny_gguf, lora_a_gguf, lora_b_gguf):
     with new_backend(tiny_gguf) as b:
-        model_ptr = b._model
+        model_ptr = b.model.ptr
         for _ in range(3):
             b.apply(with_adapters("a", (lora_a_gguf, 1.0)))
             b.apply(with_adapters("b", (lora_b_gguf, 1.0)))
             b.apply(PLAIN)
-        assert b.loaded_adapters == 2 and b._parts.loads == 2
-        assert b._model == model_ptr
+        assert b.loaded_adapters == 2 and b.slot.parts.loads == 2
+        assert b.model.ptr == model_ptr
 
 
 # --- control vectors ----------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_state_cache_respects_its_byte_budget(tiny_gguf, lora_a_gguf, lora_b_ggu
     with new_backend(tiny_gguf) as probe:
         probe.apply(personas[0])
         tokens(probe)
-        one_state = probe._L.llama_state_seq_get_size(probe._ctx, 0)
+        one_state = probe.model.L.llama_state_seq_get_size(probe.slot.ctx, 0)
     with new_backend(tiny_gguf, kv_cache_bytes=int(one_state * 1.5)) as be:
         for p in personas + personas:
             be.apply(p)
@@ -329,8 +329,8 @@ def test_truncated_adapter_and_non_adapter_files(backend, tmp_path, lora_a_gguf,
 
 def test_bad_vectors(backend, bad_model_files, cvec4_gguf, lora_a_gguf):
     cases = {
-        bad_model_files["cvec_wrong_width"]: "the vector is 80 wide, the base's embedding is 64",
-        cvec4_gguf: "has layer 2 but the base has layers 1-1",
+        bad_model_files["cvec_wrong_width"]: "direction.1 has 80 values but the base's hidden size is 64",
+        cvec4_gguf: "is for layer 2 but the base has layers 1-1",
         lora_a_gguf: "is not a control vector",
     }
     for path, needle in cases.items():
@@ -417,6 +417,7 @@ def test_cli_one_shot_with_an_adapter_card_differs_from_the_base(subprocess_env,
 
 
 def test_set_part_scale_changes_one_part_live(tiny_gguf, lora_a_gguf, lora_b_gguf, cvec_gguf, base_tokens):
+    from chat.samplerlayers import SamplerLayers
     from chat.session import Session
 
     persona = Persona(
@@ -425,7 +426,7 @@ def test_set_part_scale_changes_one_part_live(tiny_gguf, lora_a_gguf, lora_b_ggu
         steering=(SteeringPart(cvec_gguf, 0.0, None, "mixy"),),
     )
     with new_backend(tiny_gguf) as be:
-        s = Session(be, persona=persona, flag_sampling={"temperature": "0", "max_tokens": "12"})
+        s = Session(be, persona=persona, layers=SamplerLayers(flags={"temperature": "0", "max_tokens": "12"}))
         with_a = list(consume(s, "Hello! Can you tell me a joke?"))
         s.set_part_scale("adapter.lora-a.scale", "0")
         assert s.persona.name == "mixy" and s.persona.adapters[0].scale == 0.0
@@ -449,6 +450,7 @@ def consume(session, text: str) -> list[str]:
 
 def test_switch_to_a_bad_card_keeps_the_persona_and_conversation(tiny_gguf, lora_a_gguf, bad_model_files, tmp_path):
     from chat.catalog import PersonaCatalog
+    from chat.samplerlayers import SamplerLayers
     from chat.session import Session
 
     root = tmp_path / "cards"
@@ -456,14 +458,14 @@ def test_switch_to_a_bad_card_keeps_the_persona_and_conversation(tiny_gguf, lora
     bad = card(root, "bad", '[[adapters]]\npath = "x.gguf"\n', {"x.gguf": bad_model_files["lora_wrong_shape"]})
     catalog = PersonaCatalog(None)
     with new_backend(tiny_gguf) as be:
-        s = Session(be, catalog=catalog, persona=catalog.resolve(str(good)), flag_sampling={"temperature": "0", "max_tokens": "4"})
+        s = Session(be, catalog=catalog, persona=catalog.resolve(str(good)), layers=SamplerLayers(flags={"temperature": "0", "max_tokens": "4"}))
         consume(s, "hi")
         with pytest.raises(AdapterError):
             s.switch_persona(str(bad))
         assert s.persona.name == "good" and len(s.turns) == 2
         assert any("lora-a" in line for line in be.active_parts())
         consume(s, "again")
-        assert s.turn_personas == [None, "good", None, "good"]
+        assert [t.persona for t in s.turns] == [None, "good", None, "good"]
 
 
 # --- chat personas show --------------------------------------------------------------------------------------

@@ -3,9 +3,6 @@
 The tiny llama is written once as safetensors (``tiny_hf_dir``) and once as an f32 GGUF
 (``tiny_gguf``); adapters as PEFT folders and as llama.cpp GGUFs from the same arrays;
 the control vector is one cvec GGUF read by both. Ids are compared, not text.
-
-Tests that need the llama.cpp backend to attach adapters or control vectors check that
-capability at run time and skip, saying why, while it is missing.
 """
 
 from __future__ import annotations
@@ -55,17 +52,11 @@ def cvec_persona(path: Path, scale: float, layers: tuple[int, int] | None = None
 
 
 def apply_on_llama(llama: LlamaCppBackend, persona: Persona, what: str) -> None:
-    """Attach ``persona`` on llama.cpp, or skip the test while that backend cannot attach ``what``."""
+    """Attach ``persona`` on llama.cpp; a backend that does not attach ``what`` fails the test."""
     warnings = llama.apply(persona)
-    info = llama.info()
-    listed = info.get(what)
-    parts = llama.active_parts() if hasattr(llama, "active_parts") else []
-    ignored = [w for w in warnings if "later version" in w]
-    if ignored or not (listed or parts):
-        pytest.skip(
-            f"the llama.cpp backend does not attach {what} yet "
-            f"(apply() warned {ignored or warnings!r}; info()[{what!r}] = {listed!r}; active_parts() = {parts!r})"
-        )
+    listed = llama.info().get(what)
+    parts = llama.active_parts()
+    assert listed and parts, f"llama.cpp did not attach {what}: warnings {warnings!r}, info {listed!r}, parts {parts!r}"
 
 
 @pytest.fixture(scope="module")

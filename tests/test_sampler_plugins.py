@@ -27,7 +27,7 @@ ONE_THREAD = BackendOptions(threads=1)
 
 @pytest.fixture(scope="module", autouse=True)
 def registered():
-    reg = get_registry()  # registers word_filter for validation
+    reg = get_registry()
     assert "word_filter" in reg.samplers
     return reg
 
@@ -92,13 +92,16 @@ def test_word_filter_changes_output_and_leaving_it_out_of_order_restores_it(runn
     base = runner.generate(runner.settings(temperature=0.0))
     i, word = _a_bannable_word(runner, "\n", base)  # the ChatML prompt ends with "assistant\n"
 
-    banned = runner.generate(runner.settings(temperature=0.0, order=("word_filter", *DEFAULT_ORDER), stage_params={"word_filter": {"ban": [word]}}))
+    banned = runner.generate(runner.settings(
+        temperature=0.0, order=("word_filter", *DEFAULT_ORDER), stage_params={"word_filter": {"ban": [word]}}
+    ))
     assert banned[:i] == base[:i]  # greedy: identical up to the banned word…
     assert banned[i] != base[i]  # …which is not written there
     assert runner.text(banned[i]).strip().lower() != word.lower()
 
     assert runner.generate(runner.settings(temperature=0.0, order=DEFAULT_ORDER)) == base  # out of order: gone
-    assert runner.generate(runner.settings(temperature=0.0, order=("word_filter", *DEFAULT_ORDER))) == base  # no params: no-op
+    no_params = runner.settings(temperature=0.0, order=("word_filter", *DEFAULT_ORDER))
+    assert runner.generate(no_params) == base  # no params: no-op
 
 
 def test_word_filter_boost_pulls_a_word_in(runner):
@@ -113,22 +116,19 @@ def test_word_filter_boost_pulls_a_word_in(runner):
     assert word.lower().startswith(runner.text(boosted[0]).strip().lower())  # +30: a start of the word wins position 0
 
 
-def test_a_failing_stage_is_one_sampling_error_and_the_backend_still_works(runner):
-    from chat.sampling import plugin_stages, set_plugin_stages
+def test_a_failing_stage_is_one_sampling_error_and_the_backend_still_works(runner, registered, monkeypatch):
     from chat.stages import SamplerStage
     from chat_plugins.word_filter import WordFilterParams
 
     def broken(*_a, **_k):
         raise RuntimeError("boom")
 
+    # the backends under test were given no stages: they use the installed plugins' registry
     bad = SamplerStage("word_filter", "broken", WordFilterParams, broken)
-    saved = plugin_stages()
-    set_plugin_stages({**saved, "word_filter": bad})
-    try:
-        with pytest.raises(SamplingError, match="word_filter.*boom"):
-            runner.generate(runner.settings(temperature=0.0, max_tokens=2, order=("word_filter", "temperature")))
-    finally:
-        set_plugin_stages(saved)
+    monkeypatch.setitem(registered.samplers, "word_filter", bad)
+    with pytest.raises(SamplingError, match="word_filter.*boom"):
+        runner.generate(runner.settings(temperature=0.0, max_tokens=2, order=("word_filter", "temperature")))
+    monkeypatch.undo()
     assert len(runner.generate(runner.settings(temperature=0.0, max_tokens=2))) == 2
 
 
@@ -187,7 +187,11 @@ def test_boost_shifts_the_start_tokens():
     assert out[TOY.index(" dog")] == pytest.approx(2.5) and out[TOY.index(" cat")] == 0.0
 
 
-@pytest.mark.parametrize("values, field", [({"word_filter.ban": "a,,b"}, "word_filter.ban"), ({"word_filter.boost": "x:500"}, "word_filter.boost"), ({"word_filter.boot": "x:1"}, "word_filter.boot")])
+@pytest.mark.parametrize("values, field", [
+    ({"word_filter.ban": "a,,b"}, "word_filter.ban"),
+    ({"word_filter.boost": "x:500"}, "word_filter.boost"),
+    ({"word_filter.boot": "x:1"}, "word_filter.boot"),
+])
 def test_bad_word_filter_params_name_the_field(values, field):
     with pytest.raises(SamplingError, match=field.replace(".", r"\.")):
         resolve_sampling([("flags", values)])
@@ -216,7 +220,12 @@ def test_transformers_same_seed_same_text_across_processes(tiny_hf_dir):
         print(json.dumps(out))
         """
     )
-    runs = [json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]) for _ in range(2)]
+    runs = [
+        json.loads(subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout.strip().splitlines()[-1])
+        for _ in range(2)
+    ]
     (a1, a2, c1), (b1, b2, c2) = runs
     assert a1 == a2 == b1 == b2  # same seed: same tokens, within and across processes
     assert c1 == c2 and c1 != a1  # another seed: other tokens, reproducibly

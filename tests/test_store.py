@@ -219,9 +219,9 @@ def test_search_marks_matches_when_asked(store):
 
 
 def test_search_falls_back_to_like_without_fts5(tmp_path, monkeypatch):
-    import chat.store as store_module
+    import chat.store_schema as schema
 
-    monkeypatch.setattr(store_module, "fts5_available", lambda: False)
+    monkeypatch.setattr(schema, "fts5_available", lambda: False)
     with Store(tmp_path / "h.db") as store:
         assert not store.has_fts
         cid = chat_with(store, ("100% of the_rivers", "Mountains feed rivers."))

@@ -21,6 +21,7 @@ from chat.errors import AdapterError, ContextOverflowError, ModelError  # noqa: 
 from chat.persona import AdapterPart, Persona, SteeringPart  # noqa: E402
 from chat.sampling import SamplerSettings  # noqa: E402
 from chat_plugins.transformers_backend import TransformersBackend  # noqa: E402
+from chat_plugins.transformers_backend.options import TransformersOptions  # noqa: E402
 from chat.stops import StopHolder  # noqa: E402
 from chat_plugins.transformers_backend.textstream import Detokenizer  # noqa: E402
 
@@ -146,15 +147,15 @@ def test_a_folder_without_a_chat_template_gets_one_from_its_vocabulary(tiny_hf_d
         assert b.info()["template"].startswith("chatml (the file has no chat template; chosen from the vocabulary")
         assert b.render([Message("user", "Hi")]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         im_end = b.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        assert im_end in b._stop_ids
+        assert im_end in b.slot.stop_ids
     with TransformersBackend(str(folder), BackendOptions(template="llama3")) as b:
         assert b.info()["template"] == "llama3 (set by --template)"
 
 
 def test_options_dtype_and_device(tiny_hf_dir):
     with pytest.raises(ModelError, match="--dtype"):
-        TransformersBackend(str(tiny_hf_dir), BackendOptions(dtype="float8"))
-    b = TransformersBackend(str(tiny_hf_dir), BackendOptions(device="cpu", dtype="bfloat16", context_size=128, threads=1))
+        TransformersBackend(str(tiny_hf_dir), TransformersOptions(dtype="float8"))
+    b = TransformersBackend(str(tiny_hf_dir), TransformersOptions(device="cpu", dtype="bfloat16", context_size=128, threads=1))
     try:
         info = b.info()
         assert info["dtype"] == "bfloat16" and info["device"] == "cpu" and info["n_ctx"] == 128
@@ -270,7 +271,7 @@ def test_closing_early_leaves_the_cache_consistent(tb):
         next(it)
     it.close()
     assert tb.stats.last.finish == "closed"
-    assert len(tb.kv_tokens) == tb._cache.get_seq_length()
+    assert len(tb.kv_tokens) == tb.slot.cache.get_seq_length()
     full = run(tb, sampling=SamplerSettings(temperature=0.0, max_tokens=30))[2]
     assert tb.stats.last.prompt_tokens_evaluated == 1
     assert full == expected
@@ -300,7 +301,7 @@ def test_stop_holder():
     assert s.feed("N") == ""
     assert s.feed("Dx") == "" and s.stopped
     s = StopHolder(["END"])
-    assert s.feed("abE") == "ab" and s.finish() == "E"
+    assert s.feed("abE") == "ab" and s.finish() == ""  # the start of a stop string is never shown, even at the end
 
 
 # --- LoRA adapters -----------------------------------------------------------------------------------------
@@ -452,7 +453,7 @@ def test_control_vector_layer_range(tiny4_cfg, tiny4_weights, tiny_tokenizer_dir
         # layers 2..3 by hand: add direction.N to decoder layer N's output
         b.apply(BASE)
         hooks = [
-            b._hf.model.layers[n].register_forward_hook(lambda m, a, out, v=torch.from_numpy(cvec4_directions[n]): out + v)
+            b.model.hf.model.layers[n].register_forward_hook(lambda m, a, out, v=torch.from_numpy(cvec4_directions[n]): out + v)
             for n in (2, 3)
         ]
         try:

@@ -38,10 +38,12 @@ class DefaultGroup(TyperGroup):
             from chat.cli.common import error_line
             from chat.errors import UsageError
 
-            error_line(UsageError(
-                f"{word!r} is not a command — did you mean `chat {close[0]}`?",
-                f"to send it as a prompt, write `chat -- {word} …`",
-            ))
+            error_line(
+                UsageError(
+                    f"{word!r} is not a command — did you mean `chat {close[0]}`?",
+                    f"to send it as a prompt, write `chat -- {word} …`",
+                )
+            )
             raise typer.Exit(2)
 
     def format_help(self, ctx, formatter):  # type: ignore[override]
@@ -90,8 +92,12 @@ def _refuse_undecodable_arguments() -> None:
             from chat.errors import UsageError
 
             bad = arg.encode("utf-8", "surrogateescape")[exc.start : exc.start + 1]
-            error_line(UsageError(f"argument {i} is not UTF-8 text (byte {bad!r} at {exc.start})",
-                                  "pass arguments in UTF-8; convert files with iconv"))
+            error_line(
+                UsageError(
+                    f"argument {i} is not UTF-8 text (byte {bad!r} at {exc.start})",
+                    "pass arguments in UTF-8; convert files with iconv",
+                )
+            )
             sys.exit(2)
 
 

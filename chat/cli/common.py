@@ -30,16 +30,15 @@ def guard() -> Iterator[None]:
     try:
         yield
     except ChatError as exc:
-        if _debug or os.environ.get("CHAT_DEBUG"):
+        if debugging():
             raise
         error_line(exc)
         raise typer.Exit(exc.exit_code) from None
 
 
 def error_line(exc: ChatError) -> None:
-    from chat.render import make_console
-
     from chat.escapes import make_visible
+    from chat.render import make_console
 
     console = make_console(stderr=True)
     text = f"error: {exc.message}"

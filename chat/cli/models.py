@@ -29,6 +29,7 @@ def list_models() -> None:
             echo("aliases:")
             for alias in sorted(config.models):
                 entry = model_entry(config, alias)
+                assert entry is not None
                 star = " (default)" if alias == config.default_model else ""
                 echo(f"  {alias}{star} → {entry.path}")
         files = find_gguf_files(app.paths)
@@ -43,18 +44,22 @@ def list_models() -> None:
 @models_app.command("show")
 def show(
     model: Annotated[str, typer.Argument(help="GGUF file, model folder, or alias from config.")],
-    template: Annotated[str | None, typer.Option("--template", metavar="NAME|FILE", help="Try this chat template.")] = None,
+    template: Annotated[
+        str | None, typer.Option("--template", metavar="NAME|FILE", help="Try this chat template.")
+    ] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="Force a backend.")] = None,
 ) -> None:
     """What a model is and how chat will talk to it: architecture, size, context, chat template and why."""
     with guard():
-        from chat.backend import BackendOptions
+        from chat.cli.main import flag_name
+        from chat.load_options import plan_options
         from chat.models import choose_model, load_backend
 
         app = AppContext()
         choice = choose_model(model, app.config, app.paths, backend)
         flags = {"context_size": 256} | ({"template": template} if template else {})
-        loaded = load_backend(choice, BackendOptions(**flags))
+        options = plan_options(choice, {}, app.paths.config_file, flags, flag_name)  # the entry's options apply
+        loaded = load_backend(choice, options)
         try:
             info = loaded.info()
             stops = getattr(getattr(loaded, "template", None), "stops", ())

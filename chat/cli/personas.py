@@ -41,7 +41,8 @@ def list_personas() -> None:
 def show(
     name: Annotated[str, typer.Argument(help="Card name, path, or mix.")],
     model: Annotated[
-        str | None, typer.Option("-m", "--model", help="Base model the parameter parts must fit (default: the configured model).")
+        str | None,
+        typer.Option("-m", "--model", help="Base model the parameter parts must fit (default: the configured model)."),
     ] = None,
 ) -> None:
     """The resolved card: prompt parts, sampler preset and parameter parts (rank, targets, size, fit)."""
@@ -77,11 +78,11 @@ def show(
 
 
 def _base_model(app: AppContext, spec: str | None):
-    """(BaseModel, None) for the -m or configured GGUF model, or (None, why not)."""
+    """(BaseShape, None) for the -m or configured GGUF model, or (None, why not)."""
     import os
 
     from chat.errors import ChatError
-    from chat.gguf_parts import BaseModel
+    from chat.parts.shape import BaseShape
     from chat.models import choose_model
 
     explicit = spec is not None
@@ -96,15 +97,16 @@ def _base_model(app: AppContext, spec: str | None):
     location = Path(choice.location)
     if location.suffix.lower() != ".gguf" or not location.is_file():
         return None, f"{choice.label} is not a GGUF file; GGUF parts are checked against GGUF bases"
-    return BaseModel.from_gguf(location), None
+    return BaseShape.from_gguf(location), None
 
 
 @personas_app.command("validate")
 def validate(path: Annotated[Path, typer.Argument(help="A card folder or its persona.toml.")]) -> None:
     """Check a card (and the cards it extends) without loading a model."""
     with guard():
+        from chat.card import CARD_FILE, read_card
         from chat.cli.common import error_line
-        from chat.persona import CARD_FILE, card_problems, read_card
+        from chat.persona import card_problems
 
         app = AppContext()
         problems = card_problems(path, app.catalog.load)
@@ -148,8 +150,8 @@ assistant = "I'm {name}."
 def new(name: Annotated[str, typer.Argument(help="Name of the new card.")]) -> None:
     """Scaffold a card in your config dir, ready to edit."""
     with guard():
+        from chat.card import NAME_RULE, is_valid_name
         from chat.errors import ConfigError, UsageError
-        from chat.persona import NAME_RULE, is_valid_name
         from chat.tomlfile import quote
 
         if not is_valid_name(name):

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 
 
 def plugins() -> None:
-    """Loaded plugins, the hooks they implement, and what they registered."""
+    """Loaded plugins, the hooks they implement, what they registered, and each backend's load options."""
     with guard():
         from chat.plugins import get_registry, plugin_summary
 
@@ -28,6 +28,20 @@ def plugins() -> None:
             provided += [f"persona:{kw.get('name') or Path(t).name}" for t, kw, src in reg.personas if src == p["name"]]
             if provided:
                 echo("    provides: " + ", ".join(sorted(provided)))
+            for name, cls in sorted(reg.backends.items()):
+                if reg.sources.get(f"backend:{name}") == p["name"]:
+                    _backend_options(name, cls)
+
+
+def _backend_options(name: str, cls: type) -> None:
+    """A backend's load options (given as flags, ``-B KEY=VALUE`` or in config.toml's [backend])."""
+    from chat.cli.main import flag_name
+    from chat.load_options import describe_options
+
+    echo(f"    backend {name} (priority {getattr(cls, 'priority', 0)}) options:")
+    for key, kind, default, description in describe_options(cls):
+        flag = flag_name(key)
+        echo(f"      {key} ({flag}): {kind} = {default!r}  {description}")
 
 
 samplers_app = typer.Typer(help="Sampler settings, stages and presets.", invoke_without_command=True)
@@ -40,6 +54,7 @@ def samplers(ctx: typer.Context) -> None:
         return
     with guard():
         from chat.plugins import get_registry
+        from chat.cli.common import AppContext
         from chat.presets import all_presets
         from chat.sampling import DEFAULT_ORDER, STAGE_PARAMS, describe_fields
 
@@ -63,7 +78,7 @@ def samplers(ctx: typer.Context) -> None:
             echo(f"  {name} = {default!r}: {desc}")
         echo("")
         echo("presets:")
-        for name, (values, src) in sorted(all_presets().items()):
+        for name, (values, src) in sorted(all_presets(AppContext().paths).items()):
             echo(f"  {name}  [{src}]  " + ", ".join(f"{k}={v}" for k, v in values.items()))
 
 
@@ -71,7 +86,7 @@ def samplers(ctx: typer.Context) -> None:
 def show(
     persona: str = typer.Option(None, "-p", "--persona", help="Include this card's [sampling]."),
     preset: str = typer.Option(None, "--preset", help="Include this preset."),
-    option: list[str] = typer.Option(None, "-o", "--option", help="KEY=VALUE flags."),
+    option: list[str] = typer.Option(None, "-o", "--option", help="KEY=VALUE flags."),  # noqa: B008
 ) -> None:
     """The effective settings for a persona/preset/flags, and where each value comes from."""
     with guard():
@@ -80,16 +95,16 @@ def show(
         from chat.presets import load_preset
         from chat.sampling import resolve_sampling, split_option
 
-        get_registry()
         app = AppContext()
         layers = [("defaults", {}), ("config", app.config.sampling)]
         if preset:
-            layers.append((f"preset {preset}", load_preset(preset)))
+            layers.append((f"preset {preset}", load_preset(preset, app.paths)))
         if persona:
             p = app.catalog.resolve(persona)
             layers.append((f"card {p.label}", p.sampling))
         layers.append(("flags", dict(split_option(o) for o in option or [])))
-        settings, sources = resolve_sampling(layers)
+        stages = get_registry().samplers
+        settings, sources = resolve_sampling(layers, stages=stages)
         for name, value in settings.model_dump().items():
             echo(f"  {name} = {value!r}  ({sources.get(name, 'default')})")
         echo(f"active stages: {', '.join(settings.active_stages())}")

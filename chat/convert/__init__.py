@@ -8,15 +8,17 @@ and base model and reuses the result.
 
 from __future__ import annotations
 
-from chat.convert.adapter import BaseModel, ConvertedAdapter, gguf_adapter_to_peft, peft_to_gguf, read_base
+from chat.convert.adapter import BaseModel, ConvertedAdapter, gguf_adapter_to_peft, peft_to_gguf
 from chat.convert.architecture import ARCHITECTURES
 from chat.convert.cache import adapter_format, ensure_format
 from chat.convert.model import OUT_TYPES, ConvertedModel, convert_model
+from chat.parts.shape import BaseShape, read_base
 
 __all__ = [
     "ARCHITECTURES",
     "OUT_TYPES",
     "BaseModel",
+    "BaseShape",
     "ConvertedAdapter",
     "ConvertedModel",
     "adapter_format",

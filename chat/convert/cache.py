@@ -21,9 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from chat.convert.adapter import BaseModel, gguf_adapter_to_peft, is_gguf_file, peft_to_gguf, read_base
+from chat.convert.adapter import gguf_adapter_to_peft, is_gguf_file, peft_to_gguf
 from chat.errors import AdapterError, UsageError
-from chat.gguf_parts import open_regular
+from chat.parts.files import open_regular
+from chat.parts.shape import BaseShape, read_base
 
 #: Bump when a converter's output changes, so old cache entries are not reused.
 CONVERTER_VERSION = 1
@@ -55,7 +56,7 @@ def _source_files(path: Path, fmt: Format) -> list[Path]:
     return [f for f in (path / "adapter_config.json", path / "adapter_model.safetensors") if f.is_file()]
 
 
-def cache_key(path: str | os.PathLike[str], want: Format, base: BaseModel) -> str:
+def cache_key(path: str | os.PathLike[str], want: Format, base: BaseShape) -> str:
     """Hex digest over the adapter's content, the wanted format and the base's identity."""
     p = Path(path)
     fmt = adapter_format(p)
@@ -73,12 +74,12 @@ def cache_key(path: str | os.PathLike[str], want: Format, base: BaseModel) -> st
 def ensure_format(
     path: str | os.PathLike[str],
     want: Format,
-    base: str | os.PathLike[str] | dict[str, Any] | BaseModel,
+    base: str | os.PathLike[str] | dict[str, Any] | BaseShape,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[Path, bool]:
     """The adapter at ``path`` in format ``want``, and whether it was converted by this call.
 
-    ``base`` is the base model (GGUF file, Hugging Face folder or config, or a BaseModel):
+    ``base`` is the base model (GGUF file, Hugging Face folder or config, or a BaseShape):
     conversion needs its architecture and head counts and checks the adapter against it.
     Already in the wanted format: returned as is, unchecked (the backend loads it).
     """

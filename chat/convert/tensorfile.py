@@ -62,7 +62,7 @@ class SafetensorsFile:
     """One ``.safetensors`` file: its header now, tensor data on demand."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        from chat.gguf_parts import open_regular
+        from chat.parts.files import open_regular
 
         self.path = Path(path)
         with open_regular(self.path, "safetensors file", ModelError) as f:  # a pipe would block forever
@@ -191,7 +191,7 @@ def safetensors_files(model_dir: str | os.PathLike[str], what: str = "model") ->
     d = Path(model_dir)
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        from chat.gguf_parts import open_regular
+        from chat.parts.files import open_regular
 
         try:
             with open_regular(index, "shard index", ModelError) as fh:

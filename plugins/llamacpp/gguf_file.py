@@ -6,7 +6,7 @@ common problems (missing file, not a GGUF, truncated download, an architecture
 this llama.cpp cannot run, an adapter passed as a model) into one ModelError, and
 so do the values llama.cpp would abort on or compute NaN from: hyper-parameters out
 of its asserted ranges, tensors stored in a type it cannot compute with.
-The reader (chat.gguf_parts, shared with adapter and vector checks) skips the big
+The one GGUF reader (chat.parts.gguf, shared with adapter and vector checks) skips the big
 arrays (the tokenizer's vocabulary) without building Python objects for them,
 so a model with a 150k-token vocabulary is checked in milliseconds.
 """
@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from pathlib import Path
 from typing import NoReturn
 
 from chat.errors import ModelError
-from chat.gguf_parts import MAGIC as GGUF_MAGIC
-from chat.gguf_parts import MATMUL_TYPES, GGML_F32, TruncatedHeader, mapped, parse_header, type_name
-from chat.gguf_parts import Header as GGUFHeader
+from chat.parts.gguf import GGML_F32, MATMUL_TYPES, type_name
+from chat.parts.gguf import Header as GGUFHeader
+from chat.parts.gguf import read_header as read_gguf_header
 
 # Architectures in gguf's list that are not text models llama.cpp can chat with.
 _NOT_CHAT_MODELS = {"clip"}
@@ -36,28 +35,13 @@ _REFUSED = "the file is damaged or was written by a broken converter; convert or
 
 
 def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
-    """Parse the header of ``path``; raise ModelError naming the problem."""
+    """Parse the header of ``path`` with the core reader; raise ModelError naming the problem."""
     p = Path(path).expanduser()
-    where = str(p)
     if not p.exists():
-        raise ModelError(f"{where}: no such file", "check the path, or pass a model id your backends know")
+        raise ModelError(f"{p}: no such file", "check the path, or pass a model id your backends know")
     if p.is_dir():
-        raise ModelError(f"{where}: is a folder, not a GGUF file", "pass the .gguf file inside it")
-    with mapped(p, "model", ModelError) as (buf, size):
-        if size < 4 or bytes(buf[:4]) != GGUF_MAGIC:
-            raise ModelError(
-                f"{where}: not a GGUF file (it does not start with the GGUF magic bytes)",
-                "llama.cpp loads .gguf files; convert the model with llama.cpp's convert_hf_to_gguf.py",
-            )
-        try:
-            return parse_header(p, buf, size)
-        except TruncatedHeader:
-            raise ModelError(
-                f"{where}: truncated: the file ends inside its header ({size} bytes)",
-                "the download is incomplete; download the file again",
-            ) from None
-        except (ValueError, UnicodeDecodeError, struct.error, OverflowError) as exc:
-            raise ModelError(f"{where}: corrupt GGUF header ({exc})", "download or convert the file again") from None
+        raise ModelError(f"{p}: is a folder, not a GGUF file", "pass the .gguf file inside it")
+    return read_gguf_header(p, "model", ModelError)
 
 
 def check_model_file(path: str | os.PathLike[str]) -> GGUFHeader:

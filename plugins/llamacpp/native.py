@@ -45,14 +45,13 @@ def library() -> Any:
     return llama_cpp
 
 
-def mark() -> int:
-    """A position in the log; :func:`errors_since` returns what came after it."""
+def forget_log() -> None:
+    """Forget what llama.cpp logged so far: :func:`recent_errors` then quotes only what comes next."""
     _recent.clear()
-    return 0
 
 
-def errors_since(_mark: int = 0) -> str:
-    """llama.cpp's error lines since :func:`mark` (warnings if there are none), as one line."""
+def recent_errors() -> str:
+    """llama.cpp's error lines since :func:`forget_log` (warnings if there are none), as one line."""
     errors = [m.strip() for lvl, m in _recent if lvl == LOG_ERROR and m.strip()]
     lines = errors or [m.strip() for _, m in _recent if m.strip()]
     return "; ".join(" ".join(line.split())[:200] for line in lines[:2])  # the first lines name the cause

@@ -1,8 +1,8 @@
 """A persona's parameter parts on one llama.cpp context: LoRA adapters and control vectors.
 
-* Every file is checked by :mod:`chat.gguf_parts` before llama.cpp opens it (a
-  non-float32 alpha aborts the process inside ggml; other mismatches only show in
-  llama.cpp's log).
+* Every file is read and checked by the core readers (:mod:`chat.parts`, the same the
+  transformers backend and the converters use) before llama.cpp opens it (a non-float32
+  alpha aborts the process inside ggml; other mismatches only show in llama.cpp's log).
 * An adapter is loaded once (``llama_adapter_lora_init``) and kept for the life of
   the model; switching personas replaces the whole active set in one call
   (``llama_set_adapters_lora``), so a switch costs microseconds and no reload.
@@ -24,18 +24,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from chat.errors import AdapterError
-from chat.gguf_parts import (
-    BaseModel,
-    LoraInfo,
-    VectorInfo,
-    check_lora,
-    check_vector,
-    human_size,
-    layer_selection,
-    read_directions,
-    read_lora,
-    read_vector,
-)
+from chat.parts.files import human_size
+from chat.parts.lora import LoraInfo, check_lora, read_lora
+from chat.parts.shape import BaseShape
+from chat.parts.vector import VectorInfo, check_vector, layer_selection, read_directions, read_vector
 
 from . import native
 
@@ -65,7 +57,7 @@ class ActivePart:
 class ParameterParts:
     """The adapters and vectors one context has loaded, and the set that is active."""
 
-    def __init__(self, L: Any, model: Any, ctx: Any, base: BaseModel) -> None:
+    def __init__(self, L: Any, model: Any, ctx: Any, base: BaseShape) -> None:
         self._L, self._model, self._ctx, self.base = L, model, ctx, base
         self._lora_info: dict[Path, LoraInfo] = {}
         self._lora_ptr: dict[Path, Any] = {}
@@ -109,10 +101,10 @@ class ParameterParts:
     def _load_lora(self, path: Path) -> Any:
         ptr = self._lora_ptr.get(path)
         if ptr is None:
-            native.mark()
+            native.forget_log()
             ptr = self._L.llama_adapter_lora_init(self._model, str(path).encode("utf-8"))
             if not ptr:
-                reason = native.errors_since() or "llama.cpp refused it"
+                reason = native.recent_errors() or "llama.cpp refused it"
                 raise AdapterError(f"{path}: llama.cpp cannot attach it to {self.base.name}: {reason}",
                                    "use an adapter trained for this base model")
             self._lora_ptr[path] = ptr
@@ -167,8 +159,8 @@ class ParameterParts:
         else:
             rc = L.llama_set_adapters_lora(self._ctx, None, 0, None)
         if rc != 0:
-            raise AdapterError(f"llama.cpp could not attach the adapters of {persona.label} (code {rc})", native.errors_since() or None)
-        native.mark()
+            raise AdapterError(f"llama.cpp could not attach the adapters of {persona.label} (code {rc})", native.recent_errors() or None)
+        native.forget_log()
         if buffer is None:
             rc = L.llama_set_adapter_cvec(self._ctx, None, 0, self.base.n_embd, -1, -1)
         else:
@@ -177,7 +169,7 @@ class ParameterParts:
         if rc != 0:
             raise AdapterError(
                 f"llama.cpp refused the control vectors of {persona.label} on {self.base.name} (code {rc})",
-                native.errors_since() or "use vectors generated for this base model",
+                native.recent_errors() or "use vectors generated for this base model",
             )
 
         self.key = (tuple(sorted((str(p), round(s, 6)) for p, s in live)), vector_key)
@@ -216,3 +208,12 @@ class ParameterParts:
             self._L.llama_set_adapters_lora(self._ctx, None, 0, None)
             self._L.llama_set_adapter_cvec(self._ctx, None, 0, self.base.n_embd, -1, -1)
         self.key, self.active = NO_PARTS, []
+
+    def share_loaded(self, other: "ParameterParts") -> None:
+        """Use ``other``'s loaded adapters and read files (another slot's context on the same model).
+
+        llama.cpp adapters belong to the model, so every slot attaches the same loaded ones;
+        only the active set is per context.
+        """
+        self._lora_info, self._lora_ptr = other._lora_info, other._lora_ptr
+        self._vector_info, self._directions = other._vector_info, other._directions

@@ -1,35 +1,34 @@
 """SamplerSettings → llama.cpp's native sampler chain.
 
-The chain follows llama.cpp's own ``common_sampler_init``: logit bias first,
-then the stages of ``settings.order`` that change anything (``stage_is_active``),
-then the stage that picks a token — ``dist(seed)``, or ``greedy`` at temperature 0
-so that temperature 0 is the pure argmax. Mirostat 1/2 replaces the ordered stages
-with temperature followed by mirostat, as llama.cpp does.
+Which stages run, in which order, is the core's plan (:func:`chat.samplerplan.plan_sampler`,
+which follows llama.cpp's own ``common_sampler_init``); this module only maps each
+plan step to a native stage through one table, :data:`NATIVE`.
 
-Stages that are not built in (plugin stages, :mod:`chat.stages`) go through
-``plugin_stage``, a callable the backend supplies; it returns a :class:`PythonStage`:
-a custom ``llama_sampler`` (our own ``llama_sampler_i``) that calls the stage from
-inside the chain, at its position in ``order``. With mirostat the plugin stages run
-first (in their order), then temperature and mirostat. Python stages see the tokens
-so far, so a chain with one feeds the prompt after each reset (``needs_history``).
+Plugin stages (:mod:`chat.stages`) go through ``plugin_stage``, a callable the
+backend supplies; it returns a :class:`PythonStage`: a custom ``llama_sampler`` (our
+own ``llama_sampler_i``) that calls the stage from inside the chain, at its position
+in the plan. Python stages see the tokens so far, so a chain with one feeds the
+prompt after each reset (``needs_history``).
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from chat.errors import SamplingError
-from chat.sampling import BUILTIN_STAGES, SamplerSettings, plugin_stages, stage_is_active
+from chat.samplerplan import Step, plan_sampler
+from chat.sampling import SamplerSettings, known_stages
 from chat.stages import SamplerStage, StageContext, Vocabulary, run_stage
 
 # Fields that do not change the chain (they act outside it), so they are left out of its cache key.
 NON_CHAIN_FIELDS = {"stop", "max_tokens"}
 
-PluginStageFactory = Callable[[str, Any, dict[str, Any]], Any]
+PluginStageFactory = Callable[[str, Any, Any], Any]  # (name, SamplerStage, validated params) → PythonStage
 
 
 def chain_key(settings: SamplerSettings) -> str:
@@ -63,7 +62,8 @@ class PythonStage:
         self._identity = np.arange(self.n_vocab, dtype=np.int32)
         self._name_buf = ctypes.create_string_buffer(name.encode("utf-8"))
         # name returns a pointer we own (a c_char_p restype would leak a reference per call)
-        name_fn = ctypes.CFUNCTYPE(ctypes.c_void_p, L.llama_sampler_p_ctypes)(lambda _s: ctypes.addressof(self._name_buf))
+        name_type = ctypes.CFUNCTYPE(ctypes.c_void_p, L.llama_sampler_p_ctypes)
+        name_fn = name_type(lambda _s: ctypes.addressof(self._name_buf))
         self._callbacks = (
             name_fn,
             L.llama_sampler_i_accept(self._accept),
@@ -90,7 +90,8 @@ class PythonStage:
             n = int(arr.size)
             if n == 0:
                 return
-            view = np.frombuffer((ctypes.c_char * (n * TOKEN_DATA.itemsize)).from_address(ctypes.addressof(arr.data.contents)), dtype=TOKEN_DATA)
+            raw = (ctypes.c_char * (n * TOKEN_DATA.itemsize)).from_address(ctypes.addressof(arr.data.contents))
+            view = np.frombuffer(raw, dtype=TOKEN_DATA)  # type: ignore[call-overload]
             ids = view["id"]
             if n == self.n_vocab and np.array_equal(ids, self._identity):
                 # every token, in id order (the stage is early in the chain): no scatter/gather
@@ -169,7 +170,8 @@ class NativeSampler:
         import llama_cpp
 
         n = llama_cpp.llama_sampler_chain_n(self.ptr)
-        return [llama_cpp.llama_sampler_name(llama_cpp.llama_sampler_chain_get(self.ptr, i)).decode() for i in range(n)]
+        get, name = llama_cpp.llama_sampler_chain_get, llama_cpp.llama_sampler_name
+        return [name(get(self.ptr, i)).decode() for i in range(n)]
 
     def close(self) -> None:
         if self.ptr is not None:
@@ -193,6 +195,65 @@ def _free_chain(chain: Any, python_stages: list[PythonStage]) -> None:
         st.ptr = None
 
 
+@dataclass(frozen=True)
+class ChainParts:
+    """What the stage constructors need besides a step's own values."""
+
+    vocab: Any  # the llama_vocab pointer (DRY tokenizes its sequence breakers)
+    n_vocab: int
+    seed: int  # LLAMA_DEFAULT_SEED: llama.cpp draws a random one
+    plugin_stage: PluginStageFactory
+
+
+def _logit_bias(L: Any, step: Step, parts: ChainParts) -> Any:
+    pairs = step.values["bias"]
+    arr = (L.llama_logit_bias * len(pairs))()
+    for i, (tok, bias) in enumerate(pairs):
+        arr[i].token = tok
+        arr[i].bias = bias
+    return L.llama_sampler_init_logit_bias(parts.n_vocab, len(pairs), arr)
+
+
+def _dry(L: Any, step: Step, parts: ChainParts) -> Any:
+    v = step.values
+    breakers = [b.encode("utf-8") for b in v["breakers"]]
+    arr = (ctypes.c_char_p * max(1, len(breakers)))(*breakers)
+    return L.llama_sampler_init_dry(
+        parts.vocab, v["multiplier"], v["base"], v["allowed_length"], v["last_n"], arr, len(breakers)
+    )
+
+
+def _plugin(L: Any, step: Step, parts: ChainParts) -> Any:
+    return parts.plugin_stage(step.name, step.stage, step.params)
+
+
+# Plan step kind → llama.cpp stage; min_keep is 1 wherever llama.cpp asks for it.
+NATIVE: dict[str, Callable[[Any, Step, ChainParts], Any]] = {
+    "logit-bias": _logit_bias,
+    "penalties": lambda L, st, p: L.llama_sampler_init_penalties(
+        p.n_vocab, st.values["last_n"], st.values["repeat"], st.values["frequency"], st.values["presence"]
+    ),
+    "dry": _dry,
+    "top-n-sigma": lambda L, st, p: L.llama_sampler_init_top_n_sigma(st.values["n"]),
+    "top-k": lambda L, st, p: L.llama_sampler_init_top_k(st.values["k"]),
+    "typical": lambda L, st, p: L.llama_sampler_init_typical(st.values["p"], 1),
+    "top-p": lambda L, st, p: L.llama_sampler_init_top_p(st.values["p"], 1),
+    "min-p": lambda L, st, p: L.llama_sampler_init_min_p(st.values["p"], 1),
+    "xtc": lambda L, st, p: L.llama_sampler_init_xtc(st.values["probability"], st.values["threshold"], 1, p.seed),
+    "temp": lambda L, st, p: L.llama_sampler_init_temp(st.values["temperature"]),
+    "temp-ext": lambda L, st, p: L.llama_sampler_init_temp_ext(
+        st.values["temperature"], st.values["range"], st.values["exponent"]
+    ),
+    "plugin": _plugin,
+    "greedy": lambda L, st, p: L.llama_sampler_init_greedy(),
+    "dist": lambda L, st, p: L.llama_sampler_init_dist(p.seed),
+    "mirostat": lambda L, st, p: L.llama_sampler_init_mirostat(
+        p.n_vocab, p.seed, st.values["tau"], st.values["eta"], st.values["m"]
+    ),
+    "mirostat-v2": lambda L, st, p: L.llama_sampler_init_mirostat_v2(p.seed, st.values["tau"], st.values["eta"]),
+}
+
+
 def build_chain(
     settings: SamplerSettings,
     *,
@@ -201,99 +262,34 @@ def build_chain(
     n_ctx: int,
     plugin_stage: PluginStageFactory,
     final: bool = True,
+    stages: Mapping[str, Any] | None = None,
 ) -> NativeSampler:
-    """Build the chain for ``settings``. ``final=False`` leaves out the picking stage (for inspection)."""
+    """Build the chain for ``settings``. ``final=False`` leaves out the picking stage (for inspection).
+
+    ``stages``: the plugin stages by name (``get_registry().samplers``); None: the installed plugins'.
+    """
     import llama_cpp as L
 
-    s = settings
-    seed = L.LLAMA_DEFAULT_SEED if s.seed is None else int(s.seed)
+    plan = plan_sampler(settings, known_stages(stages), n_vocab=n_vocab, n_ctx=n_ctx)
+    seed = L.LLAMA_DEFAULT_SEED if plan.seed is None else int(plan.seed)
+    parts = ChainParts(vocab, n_vocab, seed, plugin_stage)
     params = L.llama_sampler_chain_default_params()
     params.no_perf = True
     chain = L.llama_sampler_chain_init(params)
-    stages: list[str] = []
     keep: list[Any] = []
-    needs_history = False
-
-    def add(name: str, ptr: Any) -> None:
-        if not ptr:
-            raise SamplingError(f"llama.cpp refused the {name} sampler with these settings", "check the values with `chat samplers`")
-        L.llama_sampler_chain_add(chain, ptr)
-        stages.append(name)
-
     try:
-        if s.logit_bias:
-            bad = [t for t in s.logit_bias if not 0 <= t < n_vocab]
-            if bad:
-                raise SamplingError(f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})", "use ids from this model's tokenizer")
-            arr = (L.llama_logit_bias * len(s.logit_bias))()
-            for i, (tok, bias) in enumerate(s.logit_bias.items()):
-                arr[i].token = tok
-                arr[i].bias = bias
-            add("logit-bias", L.llama_sampler_init_logit_bias(n_vocab, len(s.logit_bias), arr))
-
-        known_plugins = plugin_stages()
-
-        def add_plugin(stage: str) -> None:
-            nonlocal needs_history
-            obj = plugin_stage(stage, known_plugins.get(stage), dict(s.stage_params.get(stage, {})))
-            keep.append(obj)
-            add(stage, obj.ptr if isinstance(obj, PythonStage) else obj)
-            needs_history = True
-
-        if s.mirostat:
-            for stage in s.order:
-                if stage not in BUILTIN_STAGES:
-                    add_plugin(stage)
-            add("temp", L.llama_sampler_init_temp(s.temperature))
-            if final:
-                if s.mirostat == 1:
-                    add("mirostat", L.llama_sampler_init_mirostat(n_vocab, seed, s.mirostat_tau, s.mirostat_eta, 100))
-                else:
-                    add("mirostat-v2", L.llama_sampler_init_mirostat_v2(seed, s.mirostat_tau, s.mirostat_eta))
-            return NativeSampler(chain, stages, seed, needs_history, keep)
-
-        for stage in s.order:
-            if stage not in BUILTIN_STAGES:
-                add_plugin(stage)
-                continue
-            if not stage_is_active(s, stage):
-                continue
-            match stage:
-                case "penalties":
-                    last_n = n_ctx if s.penalty_last_n == -1 else s.penalty_last_n
-                    add("penalties", L.llama_sampler_init_penalties(n_vocab, last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))
-                    needs_history = True
-                case "dry":
-                    breakers = [b.encode("utf-8") for b in s.dry_sequence_breakers]
-                    arr = (ctypes.c_char_p * max(1, len(breakers)))(*breakers)
-                    last_n = n_ctx if s.dry_penalty_last_n == -1 else s.dry_penalty_last_n
-                    add("dry", L.llama_sampler_init_dry(vocab, s.dry_multiplier, s.dry_base, s.dry_allowed_length, last_n, arr, len(breakers)))
-                    needs_history = True
-                case "top_n_sigma":
-                    add("top-n-sigma", L.llama_sampler_init_top_n_sigma(s.top_n_sigma))
-                case "top_k":
-                    add("top-k", L.llama_sampler_init_top_k(s.top_k))
-                case "typical_p":
-                    add("typical", L.llama_sampler_init_typical(s.typical_p, 1))
-                case "top_p":
-                    add("top-p", L.llama_sampler_init_top_p(s.top_p, 1))
-                case "min_p":
-                    add("min-p", L.llama_sampler_init_min_p(s.min_p, 1))
-                case "xtc":
-                    add("xtc", L.llama_sampler_init_xtc(s.xtc_probability, s.xtc_threshold, 1, seed))
-                case "temperature":
-                    if s.temperature == 0.0:
-                        continue  # greedy below is the argmax; a temp stage would add nothing
-                    if s.dynatemp_range > 0.0:
-                        add("temp-ext", L.llama_sampler_init_temp_ext(s.temperature, s.dynatemp_range, s.dynatemp_exponent))
-                    else:
-                        add("temp", L.llama_sampler_init_temp(s.temperature))
-        if final:
-            if s.temperature == 0.0:
-                add("greedy", L.llama_sampler_init_greedy())
-            else:
-                add("dist", L.llama_sampler_init_dist(seed))
-        return NativeSampler(chain, stages, seed, needs_history, keep)
+        for step in plan.chain(final):
+            made = NATIVE[step.kind](L, step, parts)
+            if step.kind == "plugin":
+                keep.append(made)
+            ptr = made.ptr if isinstance(made, PythonStage) else made
+            if not ptr:
+                raise SamplingError(
+                    f"llama.cpp refused the {step.name} sampler with these settings",
+                    "check the values with `chat samplers`",
+                )
+            L.llama_sampler_chain_add(chain, ptr)
+        return NativeSampler(chain, plan.names(final), seed, plan.needs_history, keep)
     except BaseException:
         _free_chain(chain, [k for k in keep if isinstance(k, PythonStage)])
         raise

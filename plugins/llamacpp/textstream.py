@@ -1,32 +1,26 @@
-"""Token pieces → text chunks: UTF-8 safe, with stop strings held back and cut (chat.stops).
+"""Token pieces → text: UTF-8 safe.
 
-A token's bytes can end in the middle of a character (byte-level BPE splits
-Chinese and emoji across tokens), so pieces go through an incremental UTF-8
-decoder before the stop-string check.
+A token's bytes can end in the middle of a character (byte-level BPE splits Chinese and
+emoji across tokens), so pieces go through an incremental UTF-8 decoder; stop strings are
+the core loop's (chat.generation).
 """
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Sequence
-
-from chat.stops import StopHolder
+from collections.abc import Callable
 
 
-class TextAssembler(StopHolder):
-    def __init__(self, stop: Sequence[str] = ()) -> None:
-        super().__init__(stop)
+class PieceDecoder:
+    """``feed(token)`` → the text complete so far; bytes of an unfinished character wait for the next token."""
+
+    def __init__(self, piece: Callable[[int], bytes]) -> None:
+        self._piece = piece
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def feed(self, piece: bytes) -> str:  # type: ignore[override]
-        """Add a token's bytes; return the text that is safe to show now ("" if none)."""
-        if self.stopped:
-            return ""
-        return super().feed(self._decoder.decode(piece))
+    def feed(self, token: int) -> str:
+        return self._decoder.decode(self._piece(token))
 
     def finish(self) -> str:
-        """The end of the answer: release what was held back.
-
-        Bytes of a character the answer never completed are dropped, not shown as U+FFFD.
-        """
-        return super().finish()
+        """Bytes of a character the answer never completed are dropped, not shown as U+FFFD."""
+        return ""

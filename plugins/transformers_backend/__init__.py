@@ -1,16 +1,11 @@
-"""The transformers backend: Hugging Face model folders (safetensors) through transformers and peft.
-
-Importing this package is cheap: torch, transformers and peft load only when a
-model is loaded (``chat --help`` imports every built-in plugin).
-"""
+"""Hugging Face model folders and cached ids, run by transformers (torch and peft load with the model)."""
 
 from chat.hookspecs import hookimpl
 
-from .backend import BackendStats, StreamStats, TransformersBackend
-
-__all__ = ["TransformersBackend", "BackendStats", "StreamStats", "register_backends"]
+from .backend import TransformersBackend
 
 
 @hookimpl
 def register_backends(register):
+    """Folders with config.json and ids in the local hub cache; .gguf files are llama.cpp's."""
     register(TransformersBackend)

@@ -3,14 +3,15 @@
 A model is a folder holding ``config.json`` and safetensors weights, or a model id
 (``org/name``) already in the local Hugging Face cache — looked up offline, never
 downloaded. Pickle checkpoints (``.bin``/``.pt``/``.pth``) are refused: unpickling
-a downloaded file can run code. Nothing here imports torch or transformers.
+a downloaded file can run code. Nothing here imports torch or transformers. (PEFT adapter
+folders are read by the core reader both backends use, :mod:`chat.parts.peft`.)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from chat.errors import AdapterError, ModelError
+from chat.errors import ModelError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -76,20 +77,3 @@ def check_weights(folder: Path) -> list[Path]:
             "model.save_pretrained(folder, safe_serialization=True)), or download the repo's *.safetensors files",
         )
     raise ModelError(f"{folder}: no weights (*.safetensors) in this folder", "download the model's *.safetensors files into it")
-
-
-def check_adapter_folder(folder: Path) -> Path:
-    """The ``adapter_model.safetensors`` of a PEFT folder; pickle-only adapters are refused."""
-    if not folder.is_dir():
-        raise AdapterError(f"{folder}: not a PEFT adapter folder", "a PEFT adapter is a folder with adapter_config.json and adapter_model.safetensors")
-    if not (folder / "adapter_config.json").is_file():
-        raise AdapterError(f"{folder}: no adapter_config.json", "a PEFT adapter is a folder with adapter_config.json and adapter_model.safetensors")
-    weights = folder / "adapter_model.safetensors"
-    if weights.is_file():
-        return weights
-    if any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
-        raise AdapterError(
-            f"{folder}: the adapter has only pickle weights (adapter_model.bin); chat loads safetensors only",
-            "convert it once where you trust the file: PeftModel.from_pretrained(...) then save_pretrained(folder, safe_serialization=True)",
-        )
-    raise AdapterError(f"{folder}: no adapter_model.safetensors", "copy the adapter's weights file into the folder")

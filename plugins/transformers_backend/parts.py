@@ -1,12 +1,15 @@
 """Parameter parts on a loaded transformers model: LoRA adapters (peft) and control vectors (forward hooks).
 
-LoRA: each PEFT folder is checked against the base (every tensor must name a module
-of the base and fit its shape) before peft sees it — peft itself only warns about
-keys it cannot place. Each adapter is loaded once and kept; the active set is set
-whole, with several adapters active at once (``set_adapter([...])``) and each
-one's ``scaling`` = s·α/r. That is what llama.cpp computes (Σ sᵢ·αᵢ/rᵢ·BᵢAᵢ);
-peft's "linear" ``add_weighted_adapter`` mixes A and B separately and is not used.
-An empty set disables the adapter layers: the base output, exactly.
+Every file is read and checked by the core readers (:mod:`chat.parts.peft`,
+:mod:`chat.parts.vector`), the same the llama.cpp backend and the converters use, against
+the loaded model's own shape (:meth:`chat.parts.shape.BaseShape.from_hf_model`): one file,
+one verdict on both backends. peft itself only warns about keys it cannot place.
+
+LoRA: each adapter is loaded once and kept; the active set is set whole, with several
+adapters active at once (``set_adapter([...])``) and each one's ``scaling`` = s·α/r. That
+is what llama.cpp computes (Σ sᵢ·αᵢ/rᵢ·BᵢAᵢ); peft's "linear" ``add_weighted_adapter``
+mixes A and B separately and is not used. An empty set disables the adapter layers: the
+base output, exactly.
 
 Control vectors: llama.cpp's cvector GGUF, ``direction.N`` being added to the output
 hidden states of decoder layer N (N ≥ 1: llama.cpp has no slot for layer 0), within
@@ -16,7 +19,6 @@ adds nothing when no vector covers its layer.
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -25,14 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chat.errors import AdapterError
-
-from .checkpoint import check_adapter_folder
+from chat.parts.peft import PeftInfo, check_peft, read_peft
+from chat.parts.peft import check_finite as _check_finite  # noqa: F401  (the one NaN check, kept under its old name)
+from chat.parts.shape import BaseShape
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
 
 
 # --- LoRA ------------------------------------------------------------------------------------
@@ -49,106 +50,15 @@ class LoadedAdapter:
 
     @property
     def scaling(self) -> float:
-        """α/r; α > 0 always (see chat.gguf_parts.check_gguf_alpha for the one alpha rule)."""
+        """α/r; α > 0 always (the one alpha rule: chat.parts.lora)."""
         return self.alpha / self.rank
 
 
-def _base_module(model: Any, name: str) -> Any | None:
-    try:
-        mod = model.get_submodule(name)
-    except AttributeError:
-        return None
-    return getattr(mod, "base_layer", mod)  # after injection the original sits in .base_layer
-
-
-def check_adapter(model: Any, folder: Path) -> dict[str, Any]:
-    """Validate a PEFT LoRA folder against ``model``; return its adapter_config. AdapterError names the tensor."""
-    from safetensors import safe_open
-
-    from chat.convert.adapter import load_peft_config
-
-    weights = check_adapter_folder(folder)
-    config = load_peft_config(folder)  # the rules llama.cpp's conversion applies too: r, lora_alpha, patterns
-    rank = int(config["r"])
-    patterned = bool(config["rank_pattern"])
-    seen = 0
-    try:
-        with safe_open(str(weights), framework="numpy") as f:
-            for key in f.keys():
-                shape = tuple(f.get_slice(key).get_shape())
-                _check_tensor(model, folder, key, shape, rank, patterned)
-                seen += 1
-    except AdapterError:
-        raise
-    except Exception as exc:
-        raise AdapterError(f"{weights}: not a readable safetensors file ({exc})", "re-save the adapter with peft") from None
-    if not seen:
-        raise AdapterError(f"{weights}: the adapter holds no tensors", "re-save the adapter with peft")
-    _check_finite(weights)
-    return config
-
-
-def _check_finite(weights: Path) -> None:
-    """NaN or infinite weights give empty answers, not errors: refuse them naming the tensor."""
-    from chat.convert.tensorfile import SafetensorsFile
-    from chat.errors import ModelError
-
-    try:
-        bad = SafetensorsFile(weights).first_non_finite()
-    except ModelError as exc:
-        raise AdapterError(exc.message, exc.hint) from None
-    if bad is not None:
-        raise AdapterError(f"{weights}: tensor {bad} holds NaN or infinite values (the answers would be empty)",
-                           "the adapter is damaged or its training diverged; train it again")
-
-
-def _check_tensor(model: Any, folder: Path, key: str, shape: tuple[int, ...], rank: int, patterned: bool) -> None:
-    m = _LORA_KEY.match(key)
-    if m is None:  # modules_to_save and similar: a full tensor that must fit the base's parameter
-        name = key.removeprefix("base_model.model.")
-        try:
-            param = model.get_parameter(name)
-        except AttributeError:
-            raise AdapterError(
-                f"{folder}: tensor {key} has no counterpart {name!r} in the base model",
-                "the adapter was trained for another base model; use one made for this model",
-            ) from None
-        if tuple(param.shape) != shape:
-            raise AdapterError(
-                f"{folder}: tensor {key} has shape {list(shape)} but the base's {name} is {list(param.shape)}",
-                "the adapter was trained for another base model; use one made for this model",
-            )
-        return
-    module_name, kind = m["module"], m["kind"]
-    mod = _base_module(model, module_name)
-    if mod is None:
-        raise AdapterError(
-            f"{folder}: tensor {key} targets {module_name!r}, which the base model does not have",
-            "the adapter was trained for another base model (or architecture); use one made for this model",
-        )
-    if kind.startswith("lora_embedding"):
-        n_in, n_out = getattr(mod, "num_embeddings", None), getattr(mod, "embedding_dim", None)
-    else:
-        n_in, n_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
-    if n_in is None or n_out is None or len(shape) != 2:
-        raise AdapterError(f"{folder}: tensor {key} (shape {list(shape)}) does not fit module {module_name!r}", "use an adapter made for this model")
-    r = shape[0] if kind in ("lora_A", "lora_embedding_A") else shape[1]
-    # PEFT stores A as (r, in) and B as (out, r); embedding variants the other way round.
-    if kind == "lora_A":
-        expected = (r, n_in)
-    elif kind == "lora_B":
-        expected = (n_out, r)
-    elif kind == "lora_embedding_A":
-        expected = (r, n_in)
-    else:
-        expected = (n_out, r)
-    if shape != expected:
-        raise AdapterError(
-            f"{folder}: tensor {key} has shape {list(shape)} but {module_name} of this base needs {list(expected)}",
-            "the adapter was trained for another base model (a different size); use one made for this model",
-        )
-    if not patterned and r != rank:
-        raise AdapterError(f"{folder}: tensor {key} has rank {r} but adapter_config.json says r = {rank}", "re-save the adapter with peft")
+def check_adapter(model: Any, folder: Path, base: BaseShape | None = None) -> PeftInfo:
+    """Read and check a PEFT LoRA folder against ``model`` (or its ``base`` shape); AdapterError names the tensor."""
+    info = read_peft(Path(folder))  # everything that does not need the model comes first
+    check_peft(info, base or BaseShape.from_hf_model(model))
+    return info
 
 
 class LoraSet:
@@ -164,6 +74,7 @@ class LoraSet:
         self._layers: list[Any] = []  # the model's LoRA layers, listed once per adapter load
         self._layers_at = -1
         self._scales: dict[str, float] = {}  # the user scale each adapter's layers hold now
+        self._base: BaseShape | None = None  # the model's shape, read before peft injects anything
 
     def load(self, folder: Path) -> LoadedAdapter:
         folder = Path(folder).resolve()
@@ -171,7 +82,9 @@ class LoraSet:
         if got is not None:
             return got
         started = time.perf_counter()
-        config = check_adapter(self.model, folder)
+        if self._base is None:
+            self._base = BaseShape.from_hf_model(self.model)
+        info = check_adapter(self.model, folder, self._base)
         name = f"a{len(self.loaded)}"
         try:
             with warnings.catch_warnings():  # deprecation chatter from transformers/peft internals
@@ -179,18 +92,20 @@ class LoraSet:
                 if self.peft is None:
                     from peft import PeftModel
 
-                    self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name, is_trainable=False)
+                    self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name,
+                                                          is_trainable=False)
                 else:
                     self.peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
         except Exception as exc:
-            raise AdapterError(f"{folder}: peft could not load the adapter: {_first_line(exc)}", "check that it is a LoRA adapter for this model") from None
+            raise AdapterError(f"{folder}: peft could not load the adapter: {_first_line(exc)}",
+                               "check that it is a LoRA adapter for this model") from None
         self.peft.eval()
         got = LoadedAdapter(
             path=folder,
             name=name,
             label=folder.name,
-            rank=int(config["r"]),
-            alpha=float(config["lora_alpha"]),  # checked > 0 (absent: peft's default 8) by load_peft_config
+            rank=info.rank,
+            alpha=info.alpha,  # checked > 0 (absent: peft's default 8) by the PEFT reader
             load_s=time.perf_counter() - started,
         )
         self.loaded[folder] = got
@@ -253,23 +168,19 @@ class ControlVector:
     width: int
 
 
-def read_control_vector(path: Path, hidden_size: int) -> ControlVector:
-    """Read a llama.cpp cvector GGUF; a width other than the model's hidden size is an AdapterError.
+def read_control_vector(path: Path, base: BaseShape | int) -> ControlVector:
+    """Read a llama.cpp cvector GGUF with the core reader and check it against ``base``.
 
-    The core reader (:mod:`chat.gguf_parts`, shared with llama.cpp) opens regular files only,
-    reads layer numbers in ASCII digits and refuses NaN or infinite directions.
+    ``base`` is the model's shape; a bare hidden size checks the width alone.
     """
-    from chat.gguf_parts import read_directions, read_vector
+    from chat.parts.vector import check_vector, read_directions, read_vector
 
     path = Path(path)
+    if isinstance(base, int):
+        base = BaseShape(Path("model"), "", base, 1 << 30, {}, label="the model")
     info = read_vector(path)
-    if info.n_embd != hidden_size:
-        raise AdapterError(
-            f"{path}: tensor direction.{info.layers[0]} has {info.n_embd} values "
-            f"but the model's hidden size is {hidden_size}",
-            "the control vector was made for another model; generate one for this model",
-        )
-    return ControlVector(path, read_directions(path), hidden_size)
+    check_vector(info, base)
+    return ControlVector(path, read_directions(path), info.n_embd)
 
 
 def decoder_layers(model: Any) -> Any:
@@ -284,7 +195,8 @@ def decoder_layers(model: Any) -> Any:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and n is not None and len(module) == n:
             return module
-    raise AdapterError(f"{type(model).__name__}: cannot find the decoder layers to steer", "control vectors need a decoder-only model")
+    raise AdapterError(f"{type(model).__name__}: cannot find the decoder layers to steer",
+                       "control vectors need a decoder-only model")
 
 
 class Steering:
@@ -298,6 +210,7 @@ class Steering:
         self.active: list[tuple[ControlVector, float, tuple[int, int] | None]] = []
         self._hooks: list[Any] = []
         self._layers: Any = None
+        self._base: BaseShape | None = None
 
     @property
     def n_layers(self) -> int:
@@ -309,7 +222,9 @@ class Steering:
         path = Path(path).resolve()
         got = self.vectors.get(path)
         if got is None:
-            got = self.vectors[path] = read_control_vector(path, self.hidden_size)
+            if self._base is None:
+                self._base = BaseShape.from_hf_model(self.model)
+            got = self.vectors[path] = read_control_vector(path, self._base)
         return got
 
     def activate(self, entries: Sequence[tuple[ControlVector, float, tuple[int, int] | None]]) -> list[str]:

@@ -43,7 +43,9 @@ class WordFilterParams(StageParams):
     ban: tuple[str, ...] = Field((), description="words or phrases never to start; e.g. delve,as an AI; empty = off")
     boost: dict[str, float] = Field(
         {},  # a plain default (pydantic copies it): `chat samplers` prints defaults, not factories
-        description="word or phrase → bias (-100..100) added to the tokens that start it; e.g. indeed:2,sorry:-3; empty = off",
+        description=(
+            "word or phrase → bias (-100..100) added to the tokens that start it; e.g. indeed:2,sorry:-3; empty = off"
+        ),
     )
 
     @field_validator("ban", mode="before")

@@ -1,8 +1,9 @@
 """A scripted backend for CLI and REPL behaviour tests (llm's MockModel pattern).
 
 Model names start with ``scripted``. The answer is ``[persona] echo: <last user
-message>`` streamed word by word; a message containing ``long`` streams "la"
-until max_tokens or the context ends. ``CHAT_SCRIPTED_DELAY`` (seconds per
+message>`` streamed word by word (``-B echo=WORD`` changes the word: this backend's
+own load option); a message containing ``long`` streams "la" until max_tokens or
+the context ends. ``CHAT_SCRIPTED_DELAY`` (seconds per
 word) slows it down so tests can interrupt it.
 """
 
@@ -11,19 +12,29 @@ from __future__ import annotations
 import os
 import time
 
+from pydantic import Field
+
 from chat.backend import BackendOptions, Finish, Timings, Usage
 from chat.hookspecs import hookimpl
 
 
+class ScriptedOptions(BackendOptions):
+    """A third-party backend's own load option, next to the common ones."""
+
+    echo: str = Field("echo", min_length=1, description="the word between the persona and the message")
+
+
 class ScriptedBackend:
     name = "scripted"
+    Options = ScriptedOptions
 
     @classmethod
     def can_load(cls, model: str) -> bool:
         return model.startswith("scripted")
 
-    def __init__(self, model: str, options: BackendOptions) -> None:
+    def __init__(self, model: str, options: ScriptedOptions) -> None:
         self.model_name = model
+        self.echo = options.echo
         self.context_size = options.context_size or 256
         self.persona = "default"
         self.applied = []
@@ -53,7 +64,7 @@ class ScriptedBackend:
         elif "system?" in last:
             words = iter(f"system: {system}".split())
         else:
-            words = iter(f"[{self.persona}] echo: {last}".split())
+            words = iter(f"[{self.persona}] {self.echo}: {last}".split())
         limit = min(sampling.max_tokens or 10**9, self.context_size - prompt_tokens)
         n = 0
         first = None
