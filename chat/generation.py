@@ -175,6 +175,16 @@ class LocalSlot(ABC):
                 "renders this conversation as an empty prompt",
                 "use another template (--template chatml, for one) or fix the template file",
             )
+        return self.stream_tokens(prompt, sampling, started=started)
+
+    def stream_tokens(
+        self, prompt: list[int], sampling: "SamplerSettings", *, started: float | None = None
+    ) -> Iterator[str | Finish]:
+        """Like :meth:`stream` for a prompt already tokenized (raw completions: no chat template)."""
+        self.check_open()
+        started = time.perf_counter() if started is None else started
+        if not prompt:
+            raise ContextOverflowError("the prompt is empty", "send some text")
         if len(prompt) >= self.context_size:
             raise ContextOverflowError(
                 f"the prompt needs {len(prompt)} tokens but the context holds {self.context_size}",
@@ -227,6 +237,10 @@ class LocalSlot(ABC):
 
     @abstractmethod
     def prompt_tokens(self, messages: Sequence[Message]) -> list[int]: ...
+
+    @abstractmethod
+    def text_tokens(self, text: str) -> list[int]:
+        """Raw text as the model's tokens (with BOS as the model wants it), no chat template."""
 
     @abstractmethod
     def use_sampling(self, sampling: "SamplerSettings") -> None:

@@ -7,6 +7,7 @@ session uses is answered by slot 0. A server takes more slots with :meth:`new_sl
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -27,20 +28,25 @@ class PromptCache:
     def __init__(self, size: int = 16) -> None:
         self._size = size
         self._items: OrderedDict[tuple, list[int]] = OrderedDict()
+        self._lock = threading.Lock()  # slots in several threads share one model's cache
 
     def get(self, template: "ChatTemplate", messages: Sequence[Message], compute: Callable[[], list[int]]) -> list[int]:
         key = (template, *messages)
-        cached = self._items.get(key)
-        if cached is None:
-            cached = self._items[key] = compute()
+        with self._lock:
+            cached = self._items.get(key)
+            if cached is not None:
+                self._items.move_to_end(key)
+                return list(cached)
+        tokens = compute()
+        with self._lock:
+            self._items[key] = tokens
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
-        else:
-            self._items.move_to_end(key)
-        return list(cached)
+        return list(tokens)
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
 
 
 class LocalBackend(ABC):

@@ -72,8 +72,10 @@ def _peft_lines(path: Path, base, base_note: str | None) -> list[str]:
     targets = info.config.get("target_modules") or []
     targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
     ranks = "/".join(map(str, info.ranks))
-    return [f"    PEFT LoRA: rank {ranks}, alpha {info.alpha:g}, {len(info.pairs)} modules, targets {targets}",
-            "    " + _fit(check_peft, info, base, base_note)]
+    return [
+        f"    PEFT LoRA: rank {ranks}, alpha {info.alpha:g}, {len(info.pairs)} modules, targets {targets}",
+        "    " + _fit(check_peft, info, base, base_note),
+    ]
 
 
 def _vector_lines(path: Path, base, base_note: str | None) -> list[str]:
@@ -84,8 +86,10 @@ def _vector_lines(path: Path, base, base_note: str | None) -> list[str]:
     except AdapterError as exc:
         return [f"    unusable: {exc.message.removeprefix(str(path) + ': ')}"]
     hint = f", made for {info.model_hint}" if info.model_hint else ""
-    return [f"    control vector: width {info.n_embd}, {info.layer_text}{hint}",
-            "    " + _fit(check_vector, info, base, base_note)]
+    return [
+        f"    control vector: width {info.n_embd}, {info.layer_text}{hint}",
+        "    " + _fit(check_vector, info, base, base_note),
+    ]
 
 
 def describe_parts(persona: Persona, base=None, base_note: str | None = None, details: bool = False) -> list[str]:

@@ -327,7 +327,7 @@ def _inherit(parent: Persona, child: Persona) -> Persona:
 
 
 def _by_label(parent: tuple[tuple[str, str], ...], child: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    """Character parts: the child's text for a label replaces the parent's, in Description-Personality-Scenario order."""
+    """Character parts: the child's text for a label replaces the parent's (Description, Personality, Scenario)."""
     merged = dict(parent) | dict(child)
     return tuple((label, merged[label]) for label in ("Description", "Personality", "Scenario") if label in merged)
 
@@ -404,7 +404,9 @@ def mix_personas(parts: Sequence[tuple[Persona, float]]) -> Persona:
         character_name=first.character_name,
         character=first.character,
         greetings=first.greetings,
-        post_history_instructions="\n\n".join(p.post_history_instructions for p, _ in parts if p.post_history_instructions),
+        post_history_instructions="\n\n".join(
+            p.post_history_instructions for p, _ in parts if p.post_history_instructions
+        ),
         creator_notes=first.creator_notes,
         token_budget=first.token_budget,
         scan_depth=first.scan_depth,

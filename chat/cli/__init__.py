@@ -69,7 +69,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from chat.cli import convert, history, main, models, personas, plugins
+    from chat.cli import convert, history, main, models, personas, plugins, serve
 
     main.register(app)
     convert.register(app)
@@ -77,6 +77,7 @@ def _register() -> None:
     models.register(app)
     history.register(app)
     plugins.register(app)
+    serve.register(app)
 
 
 _register()

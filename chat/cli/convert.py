@@ -9,8 +9,9 @@ import typer
 
 from chat.cli.common import echo, guard
 
-convert_app = typer.Typer(help="Convert Hugging Face models and LoRA adapters to GGUF (and back).",
-                          no_args_is_help=True)
+convert_app = typer.Typer(
+    help="Convert Hugging Face models and LoRA adapters to GGUF (and back).", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +27,9 @@ def _refuse_overwrite(out: Path, force: bool) -> None:
 
 @convert_app.command("model")
 def model(
-    hf_dir: Annotated[Path, typer.Argument(help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json).")],
+    hf_dir: Annotated[
+        Path, typer.Argument(help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json).")
+    ],
     out: Annotated[Path, typer.Option("-o", "--out", help="The GGUF file to write.")],
     out_type: Annotated[str, typer.Option("--type", "-t", help="Weight type: f32, f16 or q8_0.")] = "f16",
     name: Annotated[str | None, typer.Option("--name", help="general.name in the GGUF (default: folder name).")] = None,
@@ -38,15 +41,19 @@ def model(
 
         _refuse_overwrite(out, force)
         result = convert_model(hf_dir, out, out_type=out_type.lower(), name=name)
-        echo(f"wrote {result.path}  {result.size / 2**20:.1f} MiB  "
-             f"[{result.hf_class} → {result.architecture}, {result.out_type}, {result.n_tensors} tensors, "
-             f"vocab {result.n_vocab}, pre-tokenizer {result.pre_tokenizer}]")
+        echo(
+            f"wrote {result.path}  {result.size / 2**20:.1f} MiB  "
+            f"[{result.hf_class} → {result.architecture}, {result.out_type}, {result.n_tensors} tensors, "
+            f"vocab {result.n_vocab}, pre-tokenizer {result.pre_tokenizer}]"
+        )
         echo(f"run: chat -m {result.path}")
 
 
 @convert_app.command("adapter")
 def adapter(
-    src: Annotated[Path, typer.Argument(help="A PEFT LoRA folder (→ GGUF) or a llama.cpp adapter GGUF (→ PEFT folder).")],
+    src: Annotated[
+        Path, typer.Argument(help="A PEFT LoRA folder (→ GGUF) or a llama.cpp adapter GGUF (→ PEFT folder).")
+    ],
     base: Annotated[Path, typer.Option("--base", "-b", help="The base model: a GGUF file or a Hugging Face folder.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="The GGUF file (or PEFT folder) to write.")],
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace OUT if it exists.")] = False,
@@ -59,8 +66,10 @@ def adapter(
         _refuse_overwrite(out, force)
         if adapter_format(src) == "peft":
             result = peft_to_gguf(src, base, out)
-            echo(f"wrote {result.path}  [{result.architecture} adapter, {result.n_modules} modules, "
-                 f"rank {'/'.join(map(str, result.ranks))}, alpha {result.alpha:g}]")
+            echo(
+                f"wrote {result.path}  [{result.architecture} adapter, {result.n_modules} modules, "
+                f"rank {'/'.join(map(str, result.ranks))}, alpha {result.alpha:g}]"
+            )
         else:
             path = gguf_adapter_to_peft(src, base, out)
             echo(f"wrote {path}  [PEFT LoRA folder]")

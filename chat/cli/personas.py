@@ -16,6 +16,18 @@ def register(app: typer.Typer) -> None:
     app.add_typer(personas_app, name="personas")
 
 
+def _register_subcommands() -> None:
+    from chat.cli import cardio
+
+    cardio.register(personas_app)  # import / export (Character Cards, Modelfiles)
+    from chat.cli import make
+
+    make.register(personas_app)  # make / eval (parameter parts from examples: chat.make)
+
+
+_register_subcommands()
+
+
 @personas_app.command("list")
 def list_personas() -> None:
     """Every card you can name, where it comes from, and what it overrides."""
@@ -66,6 +78,10 @@ def show(
                 echo(f"  assistant: {ex.assistant.splitlines()[0][:70]}")
         if persona.knowledge:
             echo(f"knowledge:   {len(persona.knowledge)} entries")
+        from chat.cli.cardio import card_details
+
+        for line in card_details(persona):
+            echo(line)
         if persona.sampling:
             echo("sampling:    " + ", ".join(f"{k}={v}" for k, v in persona.sampling.items()))
         from chat.partsinfo import describe_parts

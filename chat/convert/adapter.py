@@ -25,13 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from chat.convert.architecture import LAYER_MODULES, Shape, gguf_name, hf_module_for_gguf, permute_qk, qk_heads
-from chat.convert.architecture import unpermute_qk
+from chat.convert.architecture import (
+    LAYER_MODULES,
+    Shape,
+    gguf_name,
+    hf_module_for_gguf,
+    permute_qk,
+    qk_heads,
+    unpermute_qk,
+)
 from chat.errors import AdapterError
 from chat.parts.gguf import MAGIC as GGUF_MAGIC
 from chat.parts.lora import LoraInfo, check_lora, read_lora, read_lora_tensors
-from chat.parts.peft import PEFT_DEFAULT_ALPHA, check_peft, load_peft_config, natural_key, read_peft
-from chat.parts.peft import read_peft_tensors
+from chat.parts.peft import PEFT_DEFAULT_ALPHA, check_peft, load_peft_config, natural_key, read_peft, read_peft_tensors
 from chat.parts.shape import BaseShape, read_base
 
 #: The old name of :class:`chat.parts.shape.BaseShape`.
@@ -53,11 +59,15 @@ def _convertible(base: BaseShape, what: str) -> Shape:
     from chat.convert.architecture import GGUF_ARCH_PERMUTES
 
     if base.architecture not in GGUF_ARCH_PERMUTES:
-        raise AdapterError(f"{base.source}: base architecture {base.architecture!r} is not supported for {what}",
-                           hint=f"supported: {', '.join(GGUF_ARCH_PERMUTES)}")
+        raise AdapterError(
+            f"{base.source}: base architecture {base.architecture!r} is not supported for {what}",
+            hint=f"supported: {', '.join(GGUF_ARCH_PERMUTES)}",
+        )
     if not (base.n_head and base.n_layer):
-        raise AdapterError(f"{base.source}: the base lacks the attention head counts or block count",
-                           hint="convert the base model again with a current converter")
+        raise AdapterError(
+            f"{base.source}: the base lacks the attention head counts or block count",
+            hint="convert the base model again with a current converter",
+        )
     return Shape(base.n_layer, base.n_head, base.n_head_kv or base.n_head)
 
 
@@ -86,8 +96,9 @@ def peft_to_gguf(peft_dir: str | os.PathLike[str], base: BaseLike, out: str | os
 
     src = Path(peft_dir)
     if not src.is_dir():
-        raise AdapterError(f"{src}: not a folder",
-                           hint="pass a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+        raise AdapterError(
+            f"{src}: not a folder", hint="pass a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"
+        )
     info = read_peft(src)
     base_model = read_base(base)
     check_peft(info, base_model)  # the same verdict the transformers backend gives this folder
@@ -155,8 +166,9 @@ def read_gguf_adapter(path: str | os.PathLike[str]) -> GGUFAdapter:
     return GGUFAdapter(info.architecture, info.alpha, read_lora_tensors(info), info)
 
 
-def gguf_adapter_to_peft(gguf_path: str | os.PathLike[str], base_hf_dir_or_config: BaseLike,
-                         out_dir: str | os.PathLike[str]) -> Path:
+def gguf_adapter_to_peft(
+    gguf_path: str | os.PathLike[str], base_hf_dir_or_config: BaseLike, out_dir: str | os.PathLike[str]
+) -> Path:
     """Write a PEFT folder (adapter_config.json + adapter_model.safetensors) from a llama.cpp adapter.
 
     The base (a Hugging Face folder, its config.json, or a GGUF) supplies the head counts to
@@ -172,8 +184,10 @@ def gguf_adapter_to_peft(gguf_path: str | os.PathLike[str], base_hf_dir_or_confi
     to_module = hf_module_for_gguf(base.architecture, base.n_layer)
     for name in info.pairs:
         if name not in to_module:
-            raise AdapterError(f"{src}: tensor {name} is not a projection PEFT can adapt",
-                               hint="the adapter was trained for another base model")
+            raise AdapterError(
+                f"{src}: tensor {name} is not a projection PEFT can adapt",
+                hint="the adapter was trained for another base model",
+            )
     adapter = GGUFAdapter(info.architecture, info.alpha, read_lora_tensors(info), info)
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
@@ -189,10 +203,11 @@ def gguf_adapter_to_peft(gguf_path: str | os.PathLike[str], base_hf_dir_or_confi
 
     r = Counter(ranks.values()).most_common(1)[0][0]
     rank_pattern = {m: k for m, k in ranks.items() if k != r}
-    lora_alpha, alpha_pattern = adapter.alpha, {}  # > 0: checked by read_lora (the one alpha rule)
+    lora_alpha, alpha_pattern = adapter.alpha, dict[str, float]()  # > 0: checked by read_lora (the one alpha rule)
     suffixes = sorted({m.rsplit(".", 1)[-1] for m in ranks})
-    full = {f"model.layers.{i}.{s}" for i in range(base.n_layer) for s in LAYER_MODULES
-            if s.rsplit(".", 1)[-1] in suffixes}
+    full = {
+        f"model.layers.{i}.{s}" for i in range(base.n_layer) for s in LAYER_MODULES if s.rsplit(".", 1)[-1] in suffixes
+    }
     targets: list[str] = suffixes if set(ranks) == full else sorted(ranks)
     config = {
         "peft_type": "LORA",

@@ -61,8 +61,9 @@ def cache_key(path: str | os.PathLike[str], want: Format, base: BaseShape) -> st
     p = Path(path)
     fmt = adapter_format(p)
     h = hashlib.sha256()
-    h.update(json.dumps({"v": CONVERTER_VERSION, "from": fmt, "to": want, "base": base.identity()},
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps({"v": CONVERTER_VERSION, "from": fmt, "to": want, "base": base.identity()}, sort_keys=True).encode()
+    )
     for f in _source_files(p, fmt):
         h.update(f.name.encode() + b"\0")
         with open_regular(f, "adapter") as fh:
@@ -108,8 +109,11 @@ def ensure_format(
             peft_to_gguf(src, base_model, tmp / leaf)
         else:
             gguf_adapter_to_peft(src, base_model, tmp / leaf)
-        (tmp / "source.json").write_text(json.dumps(
-            {"source": str(src.resolve()), "from": fmt, "to": want, "key": key, "base": base_model.source}, indent=2))
+        (tmp / "source.json").write_text(
+            json.dumps(
+                {"source": str(src.resolve()), "from": fmt, "to": want, "key": key, "base": base_model.source}, indent=2
+            )
+        )
         try:
             os.replace(tmp, entry)
         except OSError:

@@ -124,7 +124,9 @@ def _encode(arr: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype)
 
 
-def _add_hparams(w, config: dict[str, Any], arch: Architecture, shape: Shape, n_vocab: int, name: str) -> tuple[float, dict]:
+def _add_hparams(
+    w, config: dict[str, Any], arch: Architecture, shape: Shape, n_vocab: int, name: str
+) -> tuple[float, dict]:
     hidden = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden // shape.n_head)
     w.add_name(name)
@@ -159,8 +161,10 @@ def _add_hparams(w, config: dict[str, Any], arch: Architecture, shape: Shape, n_
     elif kind == "llama3" and arch.gguf_arch == "llama":
         pass  # a rope_freqs tensor, planned with the tensors
     elif kind != "default":
-        raise ModelError(f"rope scaling {kind!r} ({arch.hf_class}) is not supported by this converter",
-                         hint="supported: default, linear, yarn, llama3 (llama only)")
+        raise ModelError(
+            f"rope scaling {kind!r} ({arch.hf_class}) is not supported by this converter",
+            hint="supported: default, linear, yarn, llama3 (llama only)",
+        )
     return theta, rope
 
 
@@ -209,20 +213,33 @@ def convert_model(
             entry = tensors.entry(hf_name)
             target = gguf_name(hf_name, arch.gguf_arch, shape.n_layer)
             if target is None:
-                raise ModelError(f"{src}: tensor {hf_name} has no llama.cpp {arch.gguf_arch} counterpart",
-                                 hint="is this a plain text model of that family?")
+                raise ModelError(
+                    f"{src}: tensor {hf_name} has no llama.cpp {arch.gguf_arch} counterpart",
+                    hint="is this a plain text model of that family?",
+                )
             heads = qk_heads(hf_name, shape) if arch.permute_qk else None
             plan.append(_Planned(hf_name, target, entry.shape, _out_qtype(out_type, entry.shape), heads))
         names = {p.name for p in plan}
         required = ["token_embd.weight", "output_norm.weight"] + [
             f"blk.{i}.{t}.weight"
             for i in range(shape.n_layer)
-            for t in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+            for t in (
+                "attn_norm",
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_norm",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            )
         ]
         missing = [n for n in required if n not in names]
         if missing:
-            raise ModelError(f"{src}: tensor {missing[0]} is missing ({len(missing)} missing in all)",
-                             hint="an incomplete download?")
+            raise ModelError(
+                f"{src}: tensor {missing[0]} is missing ({len(missing)} missing in all)", hint="an incomplete download?"
+            )
 
         out_path = Path(out)
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,8 +251,11 @@ def convert_model(
             freqs = _llama3_rope_freqs(config, rope, head_dim, theta)
             plan.append(_Planned(None, "rope_freqs.weight", freqs.shape, gguf.GGMLQuantizationType.F32, None, freqs))
         plan.sort(key=lambda p: _natural(p.name))
-        file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
+        file_type = {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[out_type]
         w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab = add_tokenizer(w, src, n_vocab)

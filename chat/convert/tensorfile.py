@@ -76,11 +76,13 @@ class SafetensorsFile:
                     raise ValueError("header length runs past the end of the file")
                 header = json.loads(f.read(n))
             except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError included
-                raise ModelError(f"{self.path}: not a readable safetensors file ({_first_line(exc)})",
-                                 _DAMAGED) from None
+                raise ModelError(
+                    f"{self.path}: not a readable safetensors file ({_first_line(exc)})", _DAMAGED
+                ) from None
         if not isinstance(header, dict):
-            raise ModelError(f"{self.path}: the safetensors header is a JSON {type(header).__name__}, not an object",
-                             _DAMAGED)
+            raise ModelError(
+                f"{self.path}: the safetensors header is a JSON {type(header).__name__}, not an object", _DAMAGED
+            )
         metadata = header.pop("__metadata__", None) or {}
         self.metadata: dict[str, str] = metadata if isinstance(metadata, dict) else {}
         self.entries: dict[str, TensorEntry] = {
@@ -97,8 +99,12 @@ class SafetensorsFile:
             raise ModelError(f"{where}: no dtype in its header entry", _DAMAGED)
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise ModelError(f"{where}: shape {shape!r} is not a list of sizes", _DAMAGED)
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
-                and offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]
+        ):
             raise ModelError(f"{where}: data_offsets {offsets!r} are not two increasing byte offsets", _DAMAGED)
         entry = TensorEntry(self.path, name, dtype, tuple(shape), base + offsets[0], base + offsets[1])
         if entry.end > size:
@@ -201,8 +207,9 @@ def safetensors_files(model_dir: str | os.PathLike[str], what: str = "model") ->
             raise ModelError(f"{index}: cannot read the shard index ({_first_line(exc)})", _DAMAGED) from None
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise ModelError(f"{d}: shard {missing[0]} named in model.safetensors.index.json is missing",
-                             hint="finish the download")
+            raise ModelError(
+                f"{d}: shard {missing[0]} named in model.safetensors.index.json is missing", hint="finish the download"
+            )
         return files
     files = sorted(p for p in d.glob("*.safetensors") if p.name != "adapter_model.safetensors")
     if files:

@@ -21,7 +21,8 @@ from chat.errors import ModelError
 
 # The split regexes of the tokenizers llama.cpp knows by name (its `tokenizer.ggml.pre`).
 _LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -54,8 +55,10 @@ def pre_tokenizer_name(tok: dict[str, Any], where: str) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenizer, or a ModelError describing it."""
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
-        raise ModelError(f"{where}: tokenizer model {model.get('type')!r} is not supported",
-                         hint="only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style) can be converted")
+        raise ModelError(
+            f"{where}: tokenizer model {model.get('type')!r} is not supported",
+            hint="only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style) can be converted",
+        )
     pre = tok.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     byte_level = [p for p in parts if p.get("type") == "ByteLevel"]

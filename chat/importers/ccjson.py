@@ -71,6 +71,13 @@ def parse(raw: bytes, where: Path) -> dict[str, Any]:
     return doc
 
 
+def version(doc: dict[str, Any], raw: bytes) -> str:
+    """ "V3", "V2" or "V1": what the file said (:func:`parse` wraps a V1 card as V3)."""
+    if doc.get("spec") == "chara_card_v2":
+        return "V2"
+    return "V3" if b"chara_card_v3" in raw else "V1"
+
+
 def _too_deep(text: str) -> bool:
     """Whether brackets nest deeper than MAX_DEPTH (a cheap scan; brackets in strings only make it stricter)."""
     depth = 0

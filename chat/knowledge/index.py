@@ -30,7 +30,7 @@ MAX_NOTE_BYTES = 4 << 20  # a larger file is skipped
 CHUNK_CHARS = 1200
 MAX_QUERY_TERMS = 48
 MAX_RESULTS = 24
-REFRESH_EVERY_S = 2.0  # how often a turn looks at the files again
+REFRESH_EVERY_S = 10.0  # how often a turn looks at the files again
 _WORD = re.compile(r"\w{3,}", re.UNICODE)
 _STOP = frozenset(
     "the and for are but not you your with this that have from they will would there their what when which "
@@ -44,7 +44,10 @@ CREATE INDEX IF NOT EXISTS files_hash ON files(hash);
 CREATE TABLE IF NOT EXISTS docs(hash TEXT PRIMARY KEY, chunks INTEGER);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks USING fts5(text, title UNINDEXED, hash UNINDEXED,
     tokenize = 'unicode61 remove_diacritics 2');
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_vocab USING fts5vocab(chunks, 'row');
 """
+COMMON_SHARE = 0.05  # a word in more than this share of all chunks says little and costs a scan of them all
+MIN_QUERY_TERMS = 3
 
 
 @dataclass(frozen=True)
@@ -85,14 +88,19 @@ def chunk_text(text: str, title: str) -> list[tuple[str, str]]:
     return pieces
 
 
-def fts_query(text: str) -> str:
-    """The FTS5 query for some messages: their distinct words (newest kept) OR-ed, each quoted."""
+def query_words(text: str) -> list[str]:
+    """The distinct words of some messages worth searching for, newest first."""
     words: dict[str, None] = {}
     for w in reversed(_WORD.findall(text.lower())):
         if w not in _STOP and not w.isdigit():
             words.setdefault(w, None)
         if len(words) >= MAX_QUERY_TERMS:
             break
+    return list(words)
+
+
+def fts_query(words: list[str]) -> str:
+    """The FTS5 query: the words OR-ed, each quoted (they are \\w+ only, so quoting is enough)."""
     return " OR ".join(f'"{w}"' for w in words)
 
 
@@ -168,9 +176,26 @@ class KnowledgeIndex:
             self.db.execute("DELETE FROM chunks WHERE hash = ?", (digest,))
             self.db.execute("DELETE FROM docs WHERE hash = ?", (digest,))
 
+    def _telling_words(self, words: list[str]) -> list[str]:
+        """The words that occur in the index but not in most chunks (BM25 gives those little weight anyway,
+        and each one makes the query visit every chunk holding it); the rarest few when all are common."""
+        if not words:
+            return []
+        counts = {}
+        for w in words:  # one lookup per word: fts5vocab seeks on "term = ?" but scans for "term IN (…)"
+            row = self.db.execute("SELECT doc FROM chunks_vocab WHERE term = ?", (w,)).fetchone()
+            counts[w] = row[0] if row else 0
+        present = sorted((counts[w], w) for w in words if counts.get(w))
+        if not present:
+            return []
+        total = self.db.execute("SELECT sum(chunks) FROM docs").fetchone()[0] or 1
+        limit = max(50, int(total * COMMON_SHARE))
+        telling = [w for n, w in present if n <= limit]
+        return telling or [w for _, w in present[:MIN_QUERY_TERMS]]
+
     def search(self, query: str, hashes: frozenset[str], budget: int) -> list[Chunk]:
         """The best chunks among the files with ``hashes`` for ``query``, best first, within ``budget`` tokens."""
-        match = fts_query(query)
+        match = fts_query(self._telling_words(query_words(query)))
         if not match or not hashes or budget <= 0:
             return []
         if hashes != self._wanted:

@@ -89,7 +89,22 @@ def compiled(key: str, *, regex: bool, case_sensitive: bool, whole_words: bool) 
     return re.compile(body, flags)
 
 
-def key_in(text: str, key: str, *, regex: bool = False, case_sensitive: bool = False, whole_words: bool = False) -> bool:
-    """Whether ``key`` occurs in ``text`` under the entry's matching rules."""
+def key_in(
+    text: str,
+    key: str,
+    *,
+    regex: bool = False,
+    case_sensitive: bool = False,
+    whole_words: bool = False,
+    lowered: str | None = None,
+) -> bool:
+    """Whether ``key`` occurs in ``text`` under the entry's matching rules (``lowered``: ``text.lower()``, cached)."""
+    if not regex:  # a substring test first: most keys miss, and ``in`` is far cheaper than a pattern
+        needle = key.strip() if case_sensitive else key.strip().lower()
+        hay = text if case_sensitive else (lowered if lowered is not None else text.lower())
+        if not needle or needle not in hay:
+            return False
+        if not whole_words:
+            return True
     pattern = compiled(key, regex=regex, case_sensitive=case_sensitive, whole_words=whole_words)
     return pattern is not None and pattern.search(text) is not None

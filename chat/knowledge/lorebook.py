@@ -65,12 +65,12 @@ def activate(
     candidates = [e for e in entries if e.is_lorebook and e.enabled]
     if not candidates:
         return Activation(())
-    buffers: dict[int, str] = {}
+    buffers: dict[int, tuple[str, str]] = {}
 
-    def recent(depth: int) -> str:
+    def recent(depth: int) -> tuple[str, str]:
         if depth not in buffers:
-            text = "\n".join(messages[-depth:]) if depth else ""
-            buffers[depth] = text[-MAX_SCAN_CHARS:]
+            text = ("\n".join(messages[-depth:]) if depth else "")[-MAX_SCAN_CHARS:]
+            buffers[depth] = (text, text.lower())
         return buffers[depth]
 
     fired: dict[int, str] = {}
@@ -79,7 +79,7 @@ def activate(
             fired[i] = "constant"
         else:
             depth = entry.scan_depth if entry.scan_depth is not None else scan_depth
-            why = _match(entry, recent(depth))
+            why = _match(entry, *recent(depth))
             if why:
                 fired[i] = f"{why} in the last {depth} message(s)"
     if recursive:
@@ -88,11 +88,16 @@ def activate(
     return _within_budget(candidates, chosen, token_budget, count)
 
 
-def _match(entry: KnowledgeItem, text: str) -> str | None:
+def _match(entry: KnowledgeItem, text: str, lowered: str) -> str | None:
     """``key 'X'`` when the entry's keys and secondary keys agree with ``text``; None otherwise."""
     if not text:
         return None
-    rules = {"regex": entry.use_regex, "case_sensitive": entry.case_sensitive, "whole_words": entry.whole_words}
+    rules = {
+        "regex": entry.use_regex,
+        "case_sensitive": entry.case_sensitive,
+        "whole_words": entry.whole_words,
+        "lowered": lowered,
+    }
     hit = next((k for k in entry.keys or () if key_in(text, k, **rules)), None)
     if hit is None:
         return None
@@ -120,12 +125,13 @@ def _recurse(candidates: Sequence[KnowledgeItem], fired: dict[int, str]) -> None
         if not frontier:
             return
         text = "\n".join(candidates[i].text for i in frontier)[-MAX_SCAN_CHARS:]
+        lowered = text.lower()
         source = candidates[frontier[0]].label
         frontier = []
         for i, entry in enumerate(candidates):
             if i in fired:
                 continue
-            why = _match(entry, text)
+            why = _match(entry, text, lowered)
             if why:
                 fired[i] = f"{why} in the text of entry {source!r} (recursion)"
                 frontier.append(i)
@@ -154,8 +160,12 @@ def _within_budget(
     order = sorted(chosen, key=lambda i: (candidates[i].insertion_order, i))
     return Activation(
         tuple(
-            Fired(candidates[i], chosen[i] if i in kept else f"{chosen[i]}; left out: over the token budget",
-                  sizes[i], i in kept)
+            Fired(
+                candidates[i],
+                chosen[i] if i in kept else f"{chosen[i]}; left out: over the token budget",
+                sizes[i],
+                i in kept,
+            )
             for i in order
         )
     )

@@ -11,7 +11,9 @@ torch and transformers are imported inside functions only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,9 +156,10 @@ def load_base(spec: str, threads: int | None = None) -> TrainBase:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, local_files_only=True, **extra)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, trust_remote_code=False,
-                                                     local_files_only=True, **extra)
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws a tqdm bar of its own
+            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, local_files_only=True, **extra)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, trust_remote_code=False,
+                                                         local_files_only=True, **extra)
     except ModelError:
         raise
     except Exception as exc:
@@ -190,10 +193,7 @@ def _template(tok: Any, model: Any, path: Path) -> Any:
 
 def decoder_layers(model: Any) -> Any:
     """The decoder layers (``model.model.layers`` in every family we support), also under a PeftModel."""
-    inner = model
-    for attr in ("base_model", "model"):  # PeftModel → LoraModel → *ForCausalLM
-        if hasattr(inner, "peft_config") and hasattr(inner, attr):
-            inner = getattr(inner, attr)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PeftModel
     layers = getattr(getattr(inner, "model", None), "layers", None)
     if layers is None:
         raise ModelError(f"{type(inner).__name__}: cannot find its decoder layers", f"supported: {SUPPORTED}")

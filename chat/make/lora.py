@@ -171,8 +171,12 @@ class _StopFlag:
 
 def train_lora(base: Any, train: Sequence[Encoded], held: Sequence[Encoded], settings: LoraSettings,
                checkpoint_dir: Path, fingerprint: str, resume: bool = False,
-               on_progress: Callable[[Progress], None] | None = None) -> LoraResult:
-    """Train, evaluate and keep the best adapter; Ctrl-C raises InterruptedTraining after writing a checkpoint."""
+               on_progress: Callable[[Progress], None] | None = None,
+               after: Callable[[Any], None] | None = None) -> LoraResult:
+    """Train, evaluate and keep the best adapter; Ctrl-C raises InterruptedTraining after writing a checkpoint.
+
+    ``after`` is called with the model carrying the best adapter, before the adapter is taken off again.
+    """
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -185,10 +189,16 @@ def train_lora(base: Any, train: Sequence[Encoded], held: Sequence[Encoded], set
     peft_model = get_peft_model(model, LoraConfig(
         r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
         target_modules=list(TARGETS)))
+    def get_state(m: Any) -> dict[str, Any]:  # "auto" would ask the Hub whether the vocabulary changed
+        return get_peft_model_state_dict(m, save_embedding_layers=False)
+
     try:
-        return _loop(peft_model, train, held, settings, config, pad, checkpoint_dir, fingerprint, resume,
-                     on_progress, base_total / max(base_count, 1), get_peft_model_state_dict,
-                     set_peft_model_state_dict)
+        result = _loop(peft_model, train, held, settings, config, pad, checkpoint_dir, fingerprint, resume,
+                       on_progress, base_total / max(base_count, 1), get_state, set_peft_model_state_dict)
+        if after is not None:
+            set_peft_model_state_dict(peft_model, result.state)
+            after(peft_model)
+        return result
     finally:
         base.model = peft_model.unload()  # the plain base again, for whatever runs next
 
@@ -228,8 +238,9 @@ def _loop(peft_model: Any, train: Sequence[Encoded], held: Sequence[Encoded], se
             ids, attn, labels = batch(rows, pad)
             for group in opt.param_groups:
                 group["lr"] = _lr(settings, step, total)
-            loss = peft_model(input_ids=ids, attention_mask=attn, labels=labels).loss
-            loss.backward()
+            out = peft_model(input_ids=ids, attention_mask=attn, labels=labels)
+            out.loss.backward()
+            loss = float(out.loss.detach())
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -246,11 +257,11 @@ def _loop(peft_model: Any, train: Sequence[Encoded], held: Sequence[Encoded], se
                 else:
                     bad_evals += 1
                 stopped = settings.patience > 0 and bad_evals >= settings.patience
-            result.history.append({"step": step, "epoch": epoch + 1, "loss": round(float(loss), 5),
+            result.history.append({"step": step, "epoch": epoch + 1, "loss": round(loss, 5),
                                    "held_loss": None if held_loss is None else round(held_loss, 5)})
             elapsed = time.perf_counter() - started
             if on_progress is not None:
-                on_progress(Progress(step, total, epoch + 1, float(loss), held_loss,
+                on_progress(Progress(step, total, epoch + 1, loss, held_loss,
                                      result.tokens / elapsed if elapsed else 0.0, elapsed))
             if flag.asked and step < total and not stopped:
                 _save_checkpoint(ckpt, fingerprint, peft_model, opt, best_state, step, bad_evals, elapsed,

@@ -25,7 +25,7 @@ from chat.make.data import Dialogue, Turn
 from chat.make.encode import Encoded, encode, messages_for, token_nll
 
 METHODS = ("mean", "pca")
-SWEEP_SCALES = (0.25, 0.5, 1.0, 2.0)
+SWEEP_SCALES = (0.0, 0.25, 0.5, 1.0, 2.0)  # 0: the vector may not help at all, and the card says so
 NEUTRAL_TOKENS = 32  # length of the base's own answers used as the neutral side
 
 
@@ -171,32 +171,34 @@ def layer_ranges(n_layers: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(r for r in ranges if r[0] <= r[1]))
 
 
-def sweep(base: Any, directions: dict[int, np.ndarray], held: Sequence[Encoded]) -> tuple[float, list[SweepPoint]]:
+def sweep(model: Any, n_layers: int, pad: int, directions: dict[int, np.ndarray], held: Sequence[Encoded],
+          scales: Sequence[float] = SWEEP_SCALES) -> tuple[float, list[SweepPoint]]:
     """Held-out loss of the persona's tokens at each (scale, layer range); and the loss without the vector."""
-    pad = base.tokenizer.pad_token_id
-    total, count = token_nll(base.model, held, pad)
+    total, count = token_nll(model, held, pad)
     base_loss = total / max(count, 1)
     points = []
-    for layers in layer_ranges(base.n_layers):
-        for scale in SWEEP_SCALES:
-            with steered(base.model, directions, scale, layers):
-                total, count = token_nll(base.model, held, pad)
+    for layers in layer_ranges(n_layers):
+        for scale in scales:
+            with steered(model, directions, scale, layers):
+                total, count = token_nll(model, held, pad)
             points.append(SweepPoint(scale, layers, total / max(count, 1)))
     return base_loss, points
 
 
 def make_vector(base: Any, positives: Sequence[Dialogue], negatives: Sequence[Dialogue] | None,
-                held: Sequence[Dialogue], method: str = "mean") -> VectorResult:
-    """Directions from the pairs, and the (scale, layers) that lower the held-out loss most."""
+                held: Sequence[Dialogue], method: str = "mean", system: str = "",
+                examples: Sequence[tuple[str, str]] = ()) -> VectorResult:
+    """Directions from the pairs, and the (scale, layers) that lower the held-out loss most in the card's context
+    (its system prompt and examples before each held-out dialogue)."""
     if negatives is None:
         negatives = neutral_answers(base, positives)
     first = [Dialogue(d.turns[:2]) if len(d.turns) >= 2 else d for d in positives]
     pos = layer_means(base, [encode(base, d) for d in first])
     neg = layer_means(base, [encode(base, d) for d in negatives])
     directions = reduce_differences(pos, neg, method)
-    held_enc = [encode(base, d) for d in held]
-    base_loss, points = sweep(base, directions, held_enc)
-    best = min(points, key=lambda p: p.loss)
+    held_enc = [encode(base, d, system, examples) for d in held]
+    base_loss, points = sweep(base.model, base.n_layers, base.tokenizer.pad_token_id, directions, held_enc)
+    best = min(points, key=lambda p: (p.loss, p.scale))
     return VectorResult(directions, best.scale, best.layers, base_loss, best.loss, tuple(points), len(first))
 
 

@@ -17,8 +17,13 @@ from typing import IO, Any
 
 from chat.errors import AdapterError, ChatError
 
-_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
-                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def _kind(mode: int) -> str:
@@ -38,8 +43,9 @@ def open_regular(path: str | os.PathLike[str], what: str = "file", error: type[C
             raise _not_regular(p, mode, what, error)
         fd = os.open(p, flags)
     except OSError as exc:
-        raise error(f"{p}: cannot read the {what} ({exc.strerror or exc})",
-                    "check the path and its permissions") from None
+        raise error(
+            f"{p}: cannot read the {what} ({exc.strerror or exc})", "check the path and its permissions"
+        ) from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
@@ -48,8 +54,10 @@ def open_regular(path: str | os.PathLike[str], what: str = "file", error: type[C
 
 
 def _not_regular(p: Path, mode: int, what: str, error: type[ChatError]) -> ChatError:
-    return error(f"{p}: the {what} is {_kind(mode)}, not a regular file",
-                 "point to a regular file (reading a pipe or a device could wait forever)")
+    return error(
+        f"{p}: the {what} is {_kind(mode)}, not a regular file",
+        "point to a regular file (reading a pipe or a device could wait forever)",
+    )
 
 
 @contextlib.contextmanager

@@ -32,8 +32,21 @@ DEFAULT_ALIGNMENT = 32
 
 # gguf.GGUFValueType codes → struct format (strings and arrays are handled apart).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32", 7: "bool",
-              8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
+TYPE_NAMES = {
+    0: "uint8",
+    1: "int8",
+    2: "uint16",
+    3: "int16",
+    4: "uint32",
+    5: "int32",
+    6: "float32",
+    7: "bool",
+    8: "string",
+    9: "array",
+    10: "uint64",
+    11: "int64",
+    12: "float64",
+}
 _STRING, _ARRAY = 8, 9
 FLOAT32 = 6  # the value type adapter.lora.alpha must have
 GGML_F32, GGML_F16 = 0, 1
@@ -43,8 +56,9 @@ GGML_F32, GGML_F16 = 0, 1
 #: TQ1_0 34, TQ2_0 35, MXFP4 39, NVFP4 40, Q1_0 41). The others — I8, I16, I32, I64, F64 and the
 #: activation-only Q8_1/Q8_K — have none: a LoRA or projection weight of such a type is accepted at load and
 #: kills the process at the first matmul (SIGSEGV or abort; measured for every type on llama-cpp-python 0.3.36).
-MATMUL_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23,
-                          29, 30, 34, 35, 39, 40, 41})
+MATMUL_TYPES = frozenset(
+    {0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29, 30, 34, 35, 39, 40, 41}
+)
 
 #: A layer number in a tensor name: ASCII digits only ("²".isdigit() is True but int("²") fails).
 LAYER_NUMBER = re.compile(r"[0-9]+")
@@ -163,7 +177,7 @@ class _Reader:
 #: What to do about a file that is not a GGUF at all, by the kind of file it was meant to be.
 _CONVERT_HINTS = {
     "model": "llama.cpp loads .gguf files; convert the model with llama.cpp's convert_hf_to_gguf.py "
-             "(or `chat convert model`)",
+    "(or `chat convert model`)",
     "adapter": "convert it with llama.cpp's convert_lora_to_gguf.py or `chat convert adapter`",
     "control vector": "generate it with llama.cpp's cvector-generator",
 }
@@ -179,8 +193,10 @@ def read_header(path: str | os.PathLike[str], what: str = "file", error: type[Ch
     p = Path(path)
     with mapped(p, what, error) as (buf, size):
         if size < 4 or bytes(buf[:4]) != MAGIC:
-            raise error(f"{p}: not a GGUF file (it does not start with the GGUF magic bytes)",
-                        _CONVERT_HINTS.get(what, "pass a GGUF file"))
+            raise error(
+                f"{p}: not a GGUF file (it does not start with the GGUF magic bytes)",
+                _CONVERT_HINTS.get(what, "pass a GGUF file"),
+            )
         try:
             header = parse_header(p, buf, size)
         except TruncatedHeader:
@@ -189,8 +205,9 @@ def read_header(path: str | os.PathLike[str], what: str = "file", error: type[Ch
             raise error(f"{p}: corrupt GGUF header ({exc})", _AGAIN) from None
     end = header.data_end
     if end > size:
-        raise error(f"{p}: truncated: its tensors need {end} bytes but the file has {size} ({end - size} missing)",
-                    _AGAIN)
+        raise error(
+            f"{p}: truncated: its tensors need {end} bytes but the file has {size} ({end - size} missing)", _AGAIN
+        )
     return header
 
 
@@ -284,8 +301,6 @@ def parse_header(path: Path, buf: Any, size: int) -> Header:
     return Header(path, size, metadata, types, arrays, tensors, data_start, duplicate_tokens)
 
 
-
-
 def tensor_values(buf: Any, header: Header, t: Tensor) -> np.ndarray:
     """The values of tensor ``t`` as a float32 copy in numpy order (``ne`` reversed), read from the mapped file.
 
@@ -294,8 +309,9 @@ def tensor_values(buf: Any, header: Header, t: Tensor) -> np.ndarray:
     shape = tuple(reversed(t.shape))
     if t.ggml_type in (GGML_F32, GGML_F16):
         dtype = np.float32 if t.ggml_type == GGML_F32 else np.float16
-        raw = np.frombuffer(buf, dtype=dtype, count=t.n_bytes // np.dtype(dtype).itemsize,
-                            offset=header.data_start + t.offset)
+        raw = np.frombuffer(
+            buf, dtype=dtype, count=t.n_bytes // np.dtype(dtype).itemsize, offset=header.data_start + t.offset
+        )
         values = raw.astype(np.float32).reshape(shape)
     else:
         from gguf.constants import GGMLQuantizationType

@@ -22,8 +22,16 @@ import numpy as np
 
 from chat.errors import AdapterError
 from chat.parts.files import mapped
-from chat.parts.gguf import FLOAT32, LAYER_NUMBER, MATMUL_TYPES, TYPE_NAMES, first_non_finite, read_header
-from chat.parts.gguf import tensor_values, type_name
+from chat.parts.gguf import (
+    FLOAT32,
+    LAYER_NUMBER,
+    MATMUL_TYPES,
+    TYPE_NAMES,
+    first_non_finite,
+    read_header,
+    tensor_values,
+    type_name,
+)
 from chat.parts.shape import BaseShape
 
 LORA_SUFFIXES = (".lora_a", ".lora_b")
@@ -79,11 +87,14 @@ def read_lora(path: str | os.PathLike[str]) -> LoraInfo:
             what = "a model"
         else:
             what = f"general.type = {kind!r}"
-        raise AdapterError(f"{p}: is not a LoRA adapter ({what}; expected general.type = 'adapter')",
-                           "[[adapters]] takes adapter GGUFs (convert_lora_to_gguf.py); a model goes to -m")
+        raise AdapterError(
+            f"{p}: is not a LoRA adapter ({what}; expected general.type = 'adapter')",
+            "[[adapters]] takes adapter GGUFs (convert_lora_to_gguf.py); a model goes to -m",
+        )
     if h.metadata.get("adapter.type") != "lora":
-        raise AdapterError(f"{p}: adapter.type is {h.metadata.get('adapter.type')!r}, not 'lora'",
-                           "only LoRA adapters can be attached")
+        raise AdapterError(
+            f"{p}: adapter.type is {h.metadata.get('adapter.type')!r}, not 'lora'", "only LoRA adapters can be attached"
+        )
     vtype = h.value_types.get("adapter.lora.alpha", FLOAT32)
     if vtype != FLOAT32:
         raise AdapterError(
@@ -92,8 +103,10 @@ def read_lora(path: str | os.PathLike[str]) -> LoraInfo:
             "write alpha with GGUFWriter.add_float32, or convert the adapter again",
         )
     if "adapter.lora.alpha" not in h.metadata:
-        raise AdapterError(f"{p}: adapter.lora.alpha is missing; it must be a finite number > 0",
-                           "convert the adapter again with its alpha (convert_lora_to_gguf.py writes it)")
+        raise AdapterError(
+            f"{p}: adapter.lora.alpha is missing; it must be a finite number > 0",
+            "convert the adapter again with its alpha (convert_lora_to_gguf.py writes it)",
+        )
     alpha = float(h.metadata["adapter.lora.alpha"])
     check_gguf_alpha(alpha, p)
     pairs: dict[str, list] = {}
@@ -114,8 +127,10 @@ def read_lora(path: str | os.PathLike[str]) -> LoraInfo:
     for base, (a, b) in pairs.items():
         if a is None or b is None:
             missing = "lora_a" if a is None else "lora_b"
-            raise AdapterError(f"{p}: {base}.{missing} is missing (the other half of the pair is there)",
-                               "the adapter is incomplete; convert it again")
+            raise AdapterError(
+                f"{p}: {base}.{missing} is missing (the other half of the pair is there)",
+                "the adapter is incomplete; convert it again",
+            )
         if a[1] != b[0]:
             raise AdapterError(f"{p}: {base}: lora_a has rank {a[1]} but lora_b has rank {b[0]}", _AGAIN)
         done[base] = (a, b)
@@ -123,32 +138,42 @@ def read_lora(path: str | os.PathLike[str]) -> LoraInfo:
         raise AdapterError(f"{p}: the adapter holds no tensors", _AGAIN)
     bad = first_non_finite(h)
     if bad is not None:
-        raise AdapterError(f"{p}: tensor {bad!r} holds NaN or infinite values (the answers would be empty)",
-                           "the adapter is damaged or its training diverged; train or convert it again")
+        raise AdapterError(
+            f"{p}: tensor {bad!r} holds NaN or infinite values (the answers would be empty)",
+            "the adapter is damaged or its training diverged; train or convert it again",
+        )
     return LoraInfo(p, h.architecture, alpha, done, h.file_size)
 
 
 def check_gguf_alpha(alpha: float, path: Path) -> None:
     """``adapter.lora.alpha`` must be a finite number > 0 (the module docstring says why 0 is refused)."""
     if not math.isfinite(alpha) or alpha <= 0:
-        raise AdapterError(f"{path}: adapter.lora.alpha is {alpha}; it must be a finite number > 0",
-                           "convert the adapter again with its real alpha (PEFT's lora_alpha)")
+        raise AdapterError(
+            f"{path}: adapter.lora.alpha is {alpha}; it must be a finite number > 0",
+            "convert the adapter again with its real alpha (PEFT's lora_alpha)",
+        )
 
 
 def check_lora(info: LoraInfo, base: BaseShape) -> None:
     """Raise AdapterError naming the adapter, the base and what differs, if the adapter does not fit."""
     where = f"{info.path}: does not fit {base.name}"
     if info.architecture != base.architecture:
-        raise AdapterError(f"{where}: adapter architecture {info.architecture!r}, base {base.architecture!r}",
-                           "use an adapter trained for this base model")
+        raise AdapterError(
+            f"{where}: adapter architecture {info.architecture!r}, base {base.architecture!r}",
+            "use an adapter trained for this base model",
+        )
     for name, (a, b) in info.pairs.items():
         w = base.tensors.get(name)
         if w is None:
-            raise AdapterError(f"{where}: the base has no tensor {name!r} (the adapter targets it)",
-                               "use an adapter trained for this base model")
+            raise AdapterError(
+                f"{where}: the base has no tensor {name!r} (the adapter targets it)",
+                "use an adapter trained for this base model",
+            )
         if len(w) != 2:
-            raise AdapterError(f"{where}: {name} has {len(w)} dimensions in the base, LoRA needs a matrix",
-                               "use an adapter made for this base")
+            raise AdapterError(
+                f"{where}: {name} has {len(w)} dimensions in the base, LoRA needs a matrix",
+                "use an adapter made for this base",
+            )
         if a[0] != w[0] or b[1] != w[1]:
             raise AdapterError(
                 f"{where}: {name} is {w[1]}×{w[0]} in the base but the adapter's B·A is {b[1]}×{a[0]} (rank {a[1]})",

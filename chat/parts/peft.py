@@ -96,8 +96,10 @@ def load_peft_config(peft_dir: Path) -> dict[str, Any]:
     """``adapter_config.json`` of a PEFT LoRA folder, its values checked and normalised (``r`` int, alphas float)."""
     path = Path(peft_dir) / "adapter_config.json"
     if not path.exists():
-        raise AdapterError(f"{peft_dir}: no adapter_config.json",
-                           "a PEFT adapter is a folder with adapter_config.json and adapter_model.safetensors")
+        raise AdapterError(
+            f"{peft_dir}: no adapter_config.json",
+            "a PEFT adapter is a folder with adapter_config.json and adapter_model.safetensors",
+        )
     try:
         with open_regular(path, "adapter config") as fh:
             config = json.loads(fh.read().decode("utf-8"))
@@ -115,8 +117,9 @@ def load_peft_config(peft_dir: Path) -> dict[str, Any]:
     for key, whole in (("rank_pattern", True), ("alpha_pattern", False)):
         pattern = config.get(key) or {}
         if not isinstance(pattern, dict):
-            raise AdapterError(f"{path}: {key} is a {type(pattern).__name__}, not an object of module: value",
-                               hint=_RESAVE)
+            raise AdapterError(
+                f"{path}: {key} is a {type(pattern).__name__}, not an object of module: value", hint=_RESAVE
+            )
         values = {m: _positive(v, f"{key}[{m!r}]", path, whole=whole) for m, v in pattern.items()}
         config[key] = {m: int(v) for m, v in values.items()} if whole else values
     _check_features(config, path)
@@ -129,14 +132,19 @@ def _check_features(config: dict[str, Any], path: Path) -> None:
         if config.get(flag):
             raise AdapterError(f"{path}: {what} cannot be expressed as a llama.cpp LoRA adapter", _ONE_ADAPTER)
     if config.get("modules_to_save"):
-        raise AdapterError(f"{path}: modules_to_save {config['modules_to_save']} replaces whole modules, "
-                           "which a llama.cpp LoRA adapter cannot do", _ONE_ADAPTER)
+        raise AdapterError(
+            f"{path}: modules_to_save {config['modules_to_save']} replaces whole modules, "
+            "which a llama.cpp LoRA adapter cannot do",
+            _ONE_ADAPTER,
+        )
     if config.get("bias", "none") != "none":
-        raise AdapterError(f"{path}: bias={config['bias']!r} trains base biases, which a llama.cpp adapter "
-                           "cannot carry", _ONE_ADAPTER)
+        raise AdapterError(
+            f"{path}: bias={config['bias']!r} trains base biases, which a llama.cpp adapter cannot carry", _ONE_ADAPTER
+        )
     if set(config["alpha_pattern"].values()) - {config["lora_alpha"]}:
-        raise AdapterError(f"{path}: per-module alpha (alpha_pattern) cannot be expressed in one llama.cpp adapter",
-                           _ONE_ADAPTER)
+        raise AdapterError(
+            f"{path}: per-module alpha (alpha_pattern) cannot be expressed in one llama.cpp adapter", _ONE_ADAPTER
+        )
 
 
 def _positive(value: Any, key: str, where: Path, whole: bool = False) -> float:
@@ -174,8 +182,10 @@ def read_peft(folder: Path) -> PeftInfo:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise AdapterError(f"{folder}: not a PEFT adapter folder",
-                           "a PEFT adapter is a folder with adapter_config.json and adapter_model.safetensors")
+        raise AdapterError(
+            f"{folder}: not a PEFT adapter folder",
+            "a PEFT adapter is a folder with adapter_config.json and adapter_model.safetensors",
+        )
     config = load_peft_config(folder)
     path = weights_file(folder)
     try:
@@ -188,8 +198,10 @@ def read_peft(folder: Path) -> PeftInfo:
             m = _PEFT_KEY.match(key)
             if m is None:
                 if "lora_embedding" in key:
-                    raise AdapterError(f"{path}: {key}: LoRA on the embeddings cannot be expressed as a llama.cpp "
-                                       "adapter", hint="train the adapter without the embeddings in target_modules")
+                    raise AdapterError(
+                        f"{path}: {key}: LoRA on the embeddings cannot be expressed as a llama.cpp adapter",
+                        hint="train the adapter without the embeddings in target_modules",
+                    )
                 raise AdapterError(f"{path}: unexpected tensor {key} (not a lora_A/lora_B weight)", hint=_RESAVE)
             halves.setdefault(m["module"], {})[m["ab"]] = (key, f.entries[key].shape)
         pairs = {module: _pair(path, module, ab, config) for module, ab in halves.items()}
@@ -200,8 +212,10 @@ def read_peft(folder: Path) -> PeftInfo:
     check_finite(path)
     info = PeftInfo(folder, config, path, pairs)
     if config.get("use_rslora") and len(info.ranks) != 1:
-        raise AdapterError(f"{folder / 'adapter_config.json'}: rsLoRA with several ranks cannot be expressed in one "
-                           "llama.cpp adapter", _ONE_ADAPTER)
+        raise AdapterError(
+            f"{folder / 'adapter_config.json'}: rsLoRA with several ranks cannot be expressed in one llama.cpp adapter",
+            _ONE_ADAPTER,
+        )
     return info
 
 
@@ -214,24 +228,30 @@ def check_finite(weights: Path) -> None:
     except ModelError as exc:
         raise AdapterError(exc.message, exc.hint) from None
     if bad is not None:
-        raise AdapterError(f"{weights}: tensor {bad} holds NaN or infinite values (the answers would be empty)",
-                           "the adapter is damaged or its training diverged; train it again")
+        raise AdapterError(
+            f"{weights}: tensor {bad} holds NaN or infinite values (the answers would be empty)",
+            "the adapter is damaged or its training diverged; train it again",
+        )
 
 
 def _pair(path: Path, module: str, ab: dict[str, tuple[str, tuple[int, ...]]], config: dict[str, Any]) -> PeftPair:
     if set(ab) != {"A", "B"}:
-        raise AdapterError(f"{path}: {module} has lora_{''.join(ab)} but not its pair",
-                           hint="the adapter is incomplete; " + _RESAVE)
+        raise AdapterError(
+            f"{path}: {module} has lora_{''.join(ab)} but not its pair", hint="the adapter is incomplete; " + _RESAVE
+        )
     (key_a, a), (key_b, b) = ab["A"], ab["B"]
     for key, shape in ((key_a, a), (key_b, b)):
         if len(shape) != 2:
             raise AdapterError(f"{path}: tensor {key} has shape {list(shape)}; LoRA tensors are matrices", _RESAVE)
     if a[0] != b[1]:
-        raise AdapterError(f"{path}: {module}: lora_A has rank {a[0]} but lora_B has rank {b[1]} "
-                           f"(shapes {list(a)} and {list(b)})", hint=_RESAVE)
+        raise AdapterError(
+            f"{path}: {module}: lora_A has rank {a[0]} but lora_B has rank {b[1]} (shapes {list(a)} and {list(b)})",
+            hint=_RESAVE,
+        )
     if not config["rank_pattern"] and a[0] != config["r"]:
-        raise AdapterError(f"{path}: tensor {key_a} has rank {a[0]} but adapter_config.json says r = {config['r']}",
-                           hint=_RESAVE)
+        raise AdapterError(
+            f"{path}: tensor {key_a} has rank {a[0]} but adapter_config.json says r = {config['r']}", hint=_RESAVE
+        )
     return PeftPair(key_a, key_b, a, b)
 
 
@@ -242,13 +262,19 @@ def check_peft(info: PeftInfo, base: BaseShape) -> None:
     for module, pair in info.pairs.items():
         weight = modules.get(module)
         if weight is None:
-            raise AdapterError(f"{where}: tensor {pair.key_a} targets {module!r}, which the base model does not have "
-                               "(or LoRA cannot adapt)", _OTHER_BASE)
+            raise AdapterError(
+                f"{where}: tensor {pair.key_a} targets {module!r}, which the base model does not have "
+                "(or LoRA cannot adapt)",
+                _OTHER_BASE,
+            )
         out_dim, in_dim = weight
         for key, shape, want in ((pair.key_a, pair.a, (pair.rank, in_dim)), (pair.key_b, pair.b, (out_dim, pair.rank))):
             if shape != want:
-                raise AdapterError(f"{where}: tensor {key} has shape {list(shape)} but {module} of the base "
-                                   f"({out_dim}×{in_dim}) needs {list(want)}", _OTHER_BASE)
+                raise AdapterError(
+                    f"{where}: tensor {key} has shape {list(shape)} but {module} of the base "
+                    f"({out_dim}×{in_dim}) needs {list(want)}",
+                    _OTHER_BASE,
+                )
 
 
 def read_peft_tensors(info: PeftInfo) -> dict[str, tuple[np.ndarray, np.ndarray]]:

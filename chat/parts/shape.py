@@ -74,8 +74,10 @@ class BaseShape:
 
         header = read_header(path, "model", ModelError)
         if header.metadata.get("general.type") == "adapter":
-            raise AdapterError(f"{header.path}: this is an adapter, not a base model",
-                               "pass the base model (a model GGUF or a Hugging Face folder)")
+            raise AdapterError(
+                f"{header.path}: this is an adapter, not a base model",
+                "pass the base model (a model GGUF or a Hugging Face folder)",
+            )
         return cls.from_header(header)
 
     @classmethod
@@ -128,8 +130,16 @@ class BaseShape:
         except ModelError:  # a family the converters do not know: PEFT checks still work on its modules
             tensors, arch = {}, str(getattr(text, "model_type", "") or "")
         n_head = _int(getattr(text, "num_attention_heads", 0))
-        return cls(path, arch, _int(getattr(text, "hidden_size", 0)), _int(getattr(text, "num_hidden_layers", 0)),
-                   tensors, n_head, _int(getattr(text, "num_key_value_heads", 0)) or n_head, modules)
+        return cls(
+            path,
+            arch,
+            _int(getattr(text, "hidden_size", 0)),
+            _int(getattr(text, "num_hidden_layers", 0)),
+            tensors,
+            n_head,
+            _int(getattr(text, "num_key_value_heads", 0)) or n_head,
+            modules,
+        )
 
     # --- views -----------------------------------------------------------------------------
 
@@ -143,8 +153,11 @@ class BaseShape:
             names = hf_module_for_gguf(self.architecture, self.n_layer)
         except (KeyError, ValueError):  # an architecture gguf's name map does not know
             return {}
-        return {module: (shape[1], shape[0]) for name, module in names.items()
-                if len(shape := self.tensors.get(name, ())) == 2}
+        return {
+            module: (shape[1], shape[0])
+            for name, module in names.items()
+            if len(shape := self.tensors.get(name, ())) == 2
+        }
 
     @property
     def permutes_qk(self) -> bool:

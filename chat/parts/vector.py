@@ -62,8 +62,10 @@ def read_vector(path: str | os.PathLike[str]) -> VectorInfo:
     if h.architecture != "controlvector":
         kind = h.metadata.get("general.type")
         what = "a LoRA adapter" if kind == "adapter" else f"general.architecture = {h.architecture!r}"
-        raise AdapterError(f"{p}: is not a control vector ({what})",
-                           "[[steering]] takes llama.cpp control-vector GGUFs (cvector-generator)")
+        raise AdapterError(
+            f"{p}: is not a control vector ({what})",
+            "[[steering]] takes llama.cpp control-vector GGUFs (cvector-generator)",
+        )
     layers: dict[int, str] = {}
     width = 0
     for t in h.tensors.values():
@@ -71,11 +73,17 @@ def read_vector(path: str | os.PathLike[str]) -> VectorInfo:
         if il is None:
             raise AdapterError(f"{p}: tensor {t.name!r} is not a direction.N tensor (N in ASCII digits)", _AGAIN)
         if il == 0:
-            raise AdapterError(f"{p}: tensor {t.name!r} is for layer 0, which has no control-vector slot "
-                               "(directions start at layer 1)", _AGAIN)
+            raise AdapterError(
+                f"{p}: tensor {t.name!r} is for layer 0, which has no control-vector slot "
+                "(directions start at layer 1)",
+                _AGAIN,
+            )
         if len(t.shape) != 1 or t.ggml_type != GGML_F32:
-            raise AdapterError(f"{p}: tensor {t.name!r} is a {len(t.shape)}-D {type_name(t.ggml_type)} tensor; "
-                               "directions are 1-D float32 vectors", _AGAIN)
+            raise AdapterError(
+                f"{p}: tensor {t.name!r} is a {len(t.shape)}-D {type_name(t.ggml_type)} tensor; "
+                "directions are 1-D float32 vectors",
+                _AGAIN,
+            )
         if il in layers:
             raise AdapterError(f"{p}: {layers[il]!r} and {t.name!r} both name layer {il}", _AGAIN)
         if width and t.shape[0] != width:
@@ -96,8 +104,10 @@ def check_vector(info: VectorInfo, base: BaseShape) -> None:
     """Raise AdapterError naming the vector, the base and what differs, if the vector does not fit."""
     where = f"{info.path}: does not fit {base.name}"
     if info.n_embd != base.n_embd:
-        raise AdapterError(f"{where}: direction.{info.layers[0]} has {info.n_embd} values but the base's hidden "
-                           f"size is {base.n_embd}", "use a control vector generated for this base model")
+        raise AdapterError(
+            f"{where}: direction.{info.layers[0]} has {info.n_embd} values but the base's hidden size is {base.n_embd}",
+            "use a control vector generated for this base model",
+        )
     bad = [il for il in info.layers if il >= base.n_layer]
     if bad:
         raise AdapterError(

@@ -56,9 +56,13 @@ def check_model_file(path: str | os.PathLike[str]) -> GGUFHeader:
             "load a base model with -m and attach the adapter through a persona card's [[adapters]]",
         )
     if arch == "controlvector" or "controlvector.layer_count" in header.metadata:
-        raise ModelError(f"{where}: is a control vector, not a model", "attach it through a persona card's [[steering]]")
+        raise ModelError(
+            f"{where}: is a control vector, not a model", "attach it through a persona card's [[steering]]"
+        )
     if not arch:
-        raise ModelError(f"{where}: the file has no general.architecture key", "convert the model again with a current llama.cpp")
+        raise ModelError(
+            f"{where}: the file has no general.architecture key", "convert the model again with a current llama.cpp"
+        )
     if arch not in supported_architectures():
         raise ModelError(
             f"{where}: unsupported architecture {arch!r}",
@@ -79,7 +83,9 @@ def check_model_file(path: str | os.PathLike[str]) -> GGUFHeader:
             "the download is incomplete; download the file again",
         )
     if not header.tensors:
-        raise ModelError(f"{where}: the file holds no tensors (vocabulary-only GGUF?)", "pass a model file with weights")
+        raise ModelError(
+            f"{where}: the file holds no tensors (vocabulary-only GGUF?)", "pass a model file with weights"
+        )
     check_hyperparameters(header)
     check_tensor_types(header)
     return header
@@ -93,7 +99,7 @@ def check_hyperparameters(header: GGUFHeader) -> None:
             raise ModelError(f"{where}: hyper-parameter {key} is {value}; it must be a finite number", _REFUSED)
     for name in _EPSILONS:
         value = md.get(f"{arch}.{name}")
-        if _is_number(value) and not value > 0:
+        if _is_number(value) and not value > 0:  # type: ignore[operator]  # a number: checked
             raise ModelError(f"{where}: hyper-parameter {arch}.{name} is {value}; it must be > 0", _REFUSED)
     _in_range(header, "block_count", 1, LLAMA_MAX_LAYERS)  # missing: llama.cpp names the key itself
     _check_experts(header)
@@ -118,9 +124,10 @@ def _in_range(header: GGUFHeader, key: str, lo: int, hi: int, required: bool = F
     value = header.metadata.get(f"{header.architecture}.{key}")
     if value is None and not required:
         return None
-    if not _is_number(value) or not lo <= value <= hi or value != int(value):
+    number = float(value) if _is_number(value) else None  # type: ignore[arg-type]  # a number: checked
+    if number is None or not lo <= number <= hi or number != int(number):
         _bad(header, key, value, f"it must be an integer from {lo} to {hi}")
-    return int(value)
+    return int(number)
 
 
 def _bad(header: GGUFHeader, key: str, value: object, why: str) -> NoReturn:
@@ -144,11 +151,15 @@ def check_tensor_types(header: GGUFHeader) -> None:
             if t.ggml_type != GGML_F32:
                 raise ModelError(
                     f"{header.path}: tensor {t.name!r} is stored as {type_name(t.ggml_type)}; llama.cpp needs norms "
-                    "and other vectors in F32 (it would abort)", _REFUSED)
+                    "and other vectors in F32 (it would abort)",
+                    _REFUSED,
+                )
         elif t.ggml_type not in MATMUL_TYPES:
             raise ModelError(
                 f"{header.path}: tensor {t.name!r} is stored as {type_name(t.ggml_type)}, which llama.cpp cannot "
-                "multiply (it would crash at the first token)", _REFUSED)
+                "multiply (it would crash at the first token)",
+                _REFUSED,
+            )
 
 
 def supported_architectures() -> frozenset[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,7 +80,7 @@ class LlamaModel:
         self.n_ctx_train = int(L.llama_model_n_ctx_train(self.ptr))
         self.threads = options.threads or default_threads()
         self.states = StateCache(options.kv_cache_bytes)
-        self._piece_buf = ctypes.create_string_buffer(256)
+        self.lock = threading.Lock()  # the saved-state cache, shared by slots in several threads
         self.bos = int(L.llama_vocab_bos(self.vocab))
         self.eos = int(L.llama_vocab_eos(self.vocab))
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab)) and self.bos >= 0
@@ -151,7 +152,7 @@ class LlamaModel:
     def piece(self, token: int) -> bytes:
         """The bytes ``token`` stands for in an answer (control tokens render as nothing)."""
         L = self.L
-        buf = self._piece_buf
+        buf = ctypes.create_string_buffer(64)  # per call: slots in several threads decode at once
         n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)

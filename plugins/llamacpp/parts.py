@@ -105,8 +105,10 @@ class ParameterParts:
             ptr = self._L.llama_adapter_lora_init(self._model, str(path).encode("utf-8"))
             if not ptr:
                 reason = native.recent_errors() or "llama.cpp refused it"
-                raise AdapterError(f"{path}: llama.cpp cannot attach it to {self.base.name}: {reason}",
-                                   "use an adapter trained for this base model")
+                raise AdapterError(
+                    f"{path}: llama.cpp cannot attach it to {self.base.name}: {reason}",
+                    "use an adapter trained for this base model",
+                )
             self._lora_ptr[path] = ptr
             self.loads += 1
         return ptr
@@ -132,9 +134,11 @@ class ParameterParts:
 
                 path, converted_now = ensure_format(path, "gguf", base=self.base.path)
                 if converted_now:
-                    warnings.append(f"{persona.label}: converted PEFT adapter {part.name} to GGUF once (cached in {path.parent})")
-            info = self.lora(path)
-            entry = adapters.setdefault(path, [0.0, part, info])
+                    warnings.append(
+                        f"{persona.label}: converted PEFT adapter {part.name} to GGUF once (cached in {path.parent})"
+                    )
+            lora = self.lora(path)
+            entry = adapters.setdefault(path, [0.0, part, lora])
             entry[0] += part.scale
         vectors: list[tuple["SteeringPart", VectorInfo, tuple[int, ...]]] = []
         for s in persona.steering:
@@ -159,7 +163,10 @@ class ParameterParts:
         else:
             rc = L.llama_set_adapters_lora(self._ctx, None, 0, None)
         if rc != 0:
-            raise AdapterError(f"llama.cpp could not attach the adapters of {persona.label} (code {rc})", native.recent_errors() or None)
+            raise AdapterError(
+                f"llama.cpp could not attach the adapters of {persona.label} (code {rc})",
+                native.recent_errors() or None,
+            )
         native.forget_log()
         if buffer is None:
             rc = L.llama_set_adapter_cvec(self._ctx, None, 0, self.base.n_embd, -1, -1)
@@ -174,12 +181,23 @@ class ParameterParts:
 
         self.key = (tuple(sorted((str(p), round(s, 6)) for p, s in live)), vector_key)
         self.active = [
-            ActivePart("adapter", part.name, scale, part.card, f"{info.rank_text}, {len(info.pairs)} tensors, {human_size(info.file_size)}", path)
+            ActivePart(
+                "adapter",
+                part.name,
+                scale,
+                part.card,
+                f"{info.rank_text}, {len(info.pairs)} tensors, {human_size(info.file_size)}",
+                path,
+            )
             for path, (scale, part, info) in adapters.items()
         ] + [
             ActivePart(
-                "steering", s.name, s.scale, s.card,
-                ("layers " + ",".join(map(str, chosen)) if chosen else "no layers in range") + f", {human_size(info.file_size)}",
+                "steering",
+                s.name,
+                s.scale,
+                s.card,
+                ("layers " + ",".join(map(str, chosen)) if chosen else "no layers in range")
+                + f", {human_size(info.file_size)}",
                 Path(s.path),
             )
             for s, info, chosen in vectors
@@ -191,7 +209,7 @@ class ParameterParts:
         buf = np.zeros((max(n_layer - 1, 0), n_embd), dtype=np.float32)
         used: set[int] = set()
         key = []
-        for s, info, chosen in vectors:
+        for s, _info, chosen in vectors:
             if s.scale == 0.0 or not chosen:
                 continue
             dirs = self._directions[Path(s.path)]

@@ -117,6 +117,11 @@ class LlamaSlot(LocalSlot):
     def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
         return self.model.prompt_tokens(self.template, messages)
 
+    def text_tokens(self, text: str) -> list[int]:
+        model = self.model
+        tokens = model.tokenize(text, special=False)
+        return [model.bos, *tokens] if model.add_bos else tokens
+
     def use_sampling(self, sampling: "SamplerSettings") -> None:
         self.sampler_for(sampling)
 
@@ -161,7 +166,8 @@ class LlamaSlot(LocalSlot):
 
     def prefill(self, prompt: list[int], last: StreamStats) -> int:
         L = self.L
-        self._switch_memory(prompt, last)
+        with self.model.lock:
+            self._switch_memory(prompt, last)
         kv = self.kv
         common = _common_prefix(kv, prompt)
         # Always drop everything from ``common`` on, even when the list says there is nothing:

@@ -47,10 +47,14 @@ def resolve_model(model: str) -> Path:
         if not path.is_dir():
             raise ModelError(
                 f"{path}: not a model folder",
-                "the transformers backend loads a folder with config.json and *.safetensors; use a .gguf file with the llama.cpp backend",
+                "the transformers backend loads a folder with config.json and *.safetensors; "
+                "use a .gguf file with the llama.cpp backend",
             )
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: no config.json in this folder", "point -m at the Hugging Face model folder (the one holding config.json)")
+            raise ModelError(
+                f"{path}: no config.json in this folder",
+                "point -m at the Hugging Face model folder (the one holding config.json)",
+            )
         return path.resolve()
     if looks_like_id(model):
         snap = cached_snapshot(model)
@@ -60,7 +64,9 @@ def resolve_model(model: str) -> Path:
             f"{model}: not in the local Hugging Face cache",
             f"download it first (e.g. `huggingface-cli download {model}`), or pass the model folder's path",
         )
-    raise ModelError(f"{path}: no such model folder", "check the path; the transformers backend loads a folder with config.json")
+    raise ModelError(
+        f"{path}: no such model folder", "check the path; the transformers backend loads a folder with config.json"
+    )
 
 
 def check_weights(folder: Path) -> list[Path]:
@@ -72,8 +78,11 @@ def check_weights(folder: Path) -> list[Path]:
     if pickles:
         names = ", ".join(p.name for p in pickles[:3]) + (" …" if len(pickles) > 3 else "")
         raise ModelError(
-            f"{folder}: only pickle weights ({names}); chat loads safetensors only, because unpickling a file can run code",
+            f"{folder}: only pickle weights ({names}); "
+            "chat loads safetensors only, because unpickling a file can run code",
             "convert it to safetensors once, in an environment you trust (e.g. load it with transformers and call "
             "model.save_pretrained(folder, safe_serialization=True)), or download the repo's *.safetensors files",
         )
-    raise ModelError(f"{folder}: no weights (*.safetensors) in this folder", "download the model's *.safetensors files into it")
+    raise ModelError(
+        f"{folder}: no weights (*.safetensors) in this folder", "download the model's *.safetensors files into it"
+    )

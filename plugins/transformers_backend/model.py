@@ -12,6 +12,7 @@ this plugin.
 from __future__ import annotations
 
 import inspect
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,9 @@ class TransformersModel:
         self.loras: Any = None
         self.steering: Any = None
         self.active_key: tuple = NO_PARTS  # the parameter set active on the model now
+        # LoRA layers and steering hooks are the model's: a slot activates its set and runs its
+        # forward pass under this lock, so slots in several threads never see each other's set.
+        self.lock = threading.RLock()
         self.forward_passes = 0
 
     def _load(self) -> None:

@@ -92,13 +92,16 @@ class LoraSet:
                 if self.peft is None:
                     from peft import PeftModel
 
-                    self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name,
-                                                          is_trainable=False)
+                    self.peft = PeftModel.from_pretrained(
+                        self.model, str(folder), adapter_name=name, is_trainable=False
+                    )
                 else:
                     self.peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
         except Exception as exc:
-            raise AdapterError(f"{folder}: peft could not load the adapter: {_first_line(exc)}",
-                               "check that it is a LoRA adapter for this model") from None
+            raise AdapterError(
+                f"{folder}: peft could not load the adapter: {_first_line(exc)}",
+                "check that it is a LoRA adapter for this model",
+            ) from None
         self.peft.eval()
         got = LoadedAdapter(
             path=folder,
@@ -195,8 +198,9 @@ def decoder_layers(model: Any) -> Any:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and n is not None and len(module) == n:
             return module
-    raise AdapterError(f"{type(model).__name__}: cannot find the decoder layers to steer",
-                       "control vectors need a decoder-only model")
+    raise AdapterError(
+        f"{type(model).__name__}: cannot find the decoder layers to steer", "control vectors need a decoder-only model"
+    )
 
 
 class Steering:

@@ -71,6 +71,10 @@ class TransformersSlot(LocalSlot):
         Everything is loaded and checked first; on an error the previous set stays this slot's.
         """
         self.check_open()
+        with self.model.lock:  # loading an adapter changes the shared model
+            return self._apply(persona)
+
+    def _apply(self, persona: "Persona") -> list[str]:
         model = self.model
         loras, steering = model.parts()
         warnings: list[str] = []
@@ -127,6 +131,9 @@ class TransformersSlot(LocalSlot):
 
     def prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
         return self.model.prompt_tokens(self.template, messages)
+
+    def text_tokens(self, text: str) -> list[int]:
+        return list(self.model.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def use_sampling(self, sampling: "SamplerSettings") -> None:
         from .sampling import make_sampler
@@ -188,8 +195,8 @@ class TransformersSlot(LocalSlot):
     def beam_step(self, parents: list[int], tokens: list[int]) -> None:
         import torch
 
-        self._activate()
-        with torch.inference_mode():
+        with self.model.lock, torch.inference_mode():
+            self._activate()
             self.cache.reorder_cache(torch.tensor(parents, dtype=torch.long, device=self.model.device))
             ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.model.device)
             out = self.model.hf(input_ids=ids, **{self.model.cache_kw: self.cache}, use_cache=True)
@@ -255,7 +262,6 @@ class TransformersSlot(LocalSlot):
         """Run ``tokens`` after ``kv`` in batches; keep the last position's logits. ``kv`` grows only on success."""
         import torch
 
-        self._activate()
         if self.cache is None:
             self.cache = self._new_cache()
         model = self.model
@@ -266,7 +272,8 @@ class TransformersSlot(LocalSlot):
             if model.logits_to_keep:
                 kwargs["logits_to_keep"] = 1
             try:
-                with torch.inference_mode():
+                with model.lock, torch.inference_mode():
+                    self._activate()
                     ids = torch.tensor([chunk], dtype=torch.long, device=model.device)
                     out = model.hf(input_ids=ids, **kwargs)
             except BaseException as exc:

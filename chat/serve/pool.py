@@ -1,0 +1,117 @@
+"""Slots for requests: a bounded wait queue, and generation in a worker thread per request.
+
+The slots are independent generation states on one loaded model (``backend.new_slot()``).
+A request takes a free slot, or waits in line; beyond ``queue`` waiting requests it is refused
+(503). Generation blocks (llama.cpp or torch), so each request runs its slot's stream in a
+thread and hands chunks to the event loop through an asyncio queue. Cancelling (the client
+went away) sets a flag the thread checks before every token; it then closes the stream, which
+leaves the slot's memory consistent, and the slot goes back to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from chat.backend import Finish
+from chat.serve.api import APIError
+
+DONE = object()
+
+
+class SlotPool:
+    """Free slots and the requests waiting for one (all on the event loop's thread)."""
+
+    def __init__(self, slots: list[Any], queue: int) -> None:
+        self.slots = list(slots)
+        self._free = list(slots)
+        self._waiting: deque[asyncio.Future] = deque()
+        self.queue = queue
+
+    @property
+    def busy(self) -> int:
+        return len(self.slots) - len(self._free)
+
+    async def acquire(self) -> Any:
+        if self._free:
+            return self._free.pop(0)
+        if len(self._waiting) >= self.queue:
+            raise APIError(
+                503,
+                f"all {len(self.slots)} slots are busy and {self.queue} requests wait",
+                "server_busy",
+                None,
+                "server_busy",
+            )
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(future.result())  # handed a slot just as the client left
+            else:
+                self._waiting.remove(future)
+            raise
+
+    def release(self, slot: Any) -> None:
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_result(slot)
+                return
+        self._free.append(slot)
+
+
+class Generation:
+    """One request's stream running in a worker thread; iterate it on the event loop."""
+
+    def __init__(self, start: Callable[[], Iterator[str | Finish]], on_done: Callable[[], None]) -> None:
+        self._start = start
+        self._on_done = on_done  # on the event loop, once the thread is done with the slot
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self.cancel = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="chat-generation")
+        self.finished = asyncio.Event()
+
+    def begin(self) -> None:
+        self.thread.start()
+
+    def _put(self, item: Any) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _run(self) -> None:
+        try:
+            stream = self._start()  # apply the persona, tokenize, check: errors arrive before any chunk
+            try:
+                for item in stream:
+                    if self.cancel.is_set():
+                        break
+                    self._put(item)
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # handed to the request, which answers with an error object
+            self._put(exc)
+        finally:
+            self._put(DONE)
+            self._loop.call_soon_threadsafe(self._done)
+
+    def _done(self) -> None:
+        self.finished.set()
+        self._on_done()
+
+    async def items(self) -> AsyncIterator[str | Finish]:
+        """Chunks, then the Finish; an exception from the thread is raised here."""
+        while True:
+            item = await self._queue.get()
+            if item is DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
