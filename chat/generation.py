@@ -164,8 +164,13 @@ class LocalSlot(ABC):
     closed: bool = False
     _generation: int = 0
 
-    def stream(self, messages: Sequence[Message], sampling: "SamplerSettings") -> Iterator[str | Finish]:
-        """Yield text chunks, then one Finish. Tokenizing, the overflow check and the sampler happen now."""
+    def stream(
+        self, messages: Sequence[Message], sampling: "SamplerSettings", *, cancel: Callable[[], bool] | None = None
+    ) -> Iterator[str | Finish]:
+        """Yield text chunks, then one Finish. Tokenizing, the overflow check and the sampler happen now.
+
+        ``cancel()`` true stops generation before the next token (a server's client went away).
+        """
         self.check_open()
         started = time.perf_counter()
         prompt = self.prompt_tokens(messages)
@@ -175,10 +180,15 @@ class LocalSlot(ABC):
                 "renders this conversation as an empty prompt",
                 "use another template (--template chatml, for one) or fix the template file",
             )
-        return self.stream_tokens(prompt, sampling, started=started)
+        return self.stream_tokens(prompt, sampling, started=started, cancel=cancel)
 
     def stream_tokens(
-        self, prompt: list[int], sampling: "SamplerSettings", *, started: float | None = None
+        self,
+        prompt: list[int],
+        sampling: "SamplerSettings",
+        *,
+        started: float | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> Iterator[str | Finish]:
         """Like :meth:`stream` for a prompt already tokenized (raw completions: no chat template)."""
         self.check_open()
@@ -197,7 +207,7 @@ class LocalSlot(ABC):
         generation = self._generation
 
         def cancelled() -> bool:
-            return generation != self._generation or self.closed
+            return generation != self._generation or self.closed or (cancel is not None and cancel())
 
         stops = (*sampling.stop, *self.template.stops)
         if beams > 1:

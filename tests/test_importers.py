@@ -71,11 +71,12 @@ def test_v2_json_and_charx_round_trip_with_assets(cli, chat_home, tmp_path, fmt)
         src.write_bytes(charx_bytes(doc, {"assets/icon/images/main.png": image(), "x/readme.txt": b"hi"}))
     assert cli("personas", "import", str(src), "--name", "c").exit_code == 0
     first = json.loads(_export(cli, "c", "json", tmp_path / "a.json"))
-    assert first["spec"] == "chara_card_v3" and first["data"] == doc["data"]
+    assert first["spec"] == "chara_card_v3"
+    assert first["data"] == {"group_only_greetings": [], **doc["data"]}  # every field kept; V3 requires this one
     if fmt == "charx":
         with zipfile.ZipFile(io.BytesIO(_export(cli, "c", "charx", tmp_path / "a.charx"))) as z:
             assert z.read("assets/icon/images/main.png") == image() and z.read("x/readme.txt") == b"hi"
-            assert json.loads(z.read("card.json"))["data"] == doc["data"]
+            assert json.loads(z.read("card.json"))["data"] == {"group_only_greetings": [], **doc["data"]}
     assert cli("personas", "import", str(tmp_path / "a.json"), "--name", "d").exit_code == 0
     assert json.loads(_export(cli, "d", "json", tmp_path / "b.json")) == first
 

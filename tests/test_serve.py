@@ -328,3 +328,82 @@ def test_sigterm_lets_an_answer_in_flight_finish(tiny_gguf, home):
     finally:
         if s.proc.poll() is None:
             s.proc.kill()
+
+
+def wait_idle(s: Server, seconds: float = 20) -> int:
+    deadline = time.time() + seconds
+    while request(s.url + "/health")[1]["busy"] and time.time() < deadline:
+        time.sleep(0.1)
+    return int(request(s.url + "/health")[1]["busy"])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"stream": False, "max_tokens": 3000, "temperature": 1.0},  # a client waiting for a whole answer
+        {"stream": True, "max_tokens": 3000, "beams": 3},  # beam search yields only at the end
+    ],
+)
+def test_any_client_that_leaves_stops_its_generation(tiny_gguf, home, body):
+    s = Server(tiny_gguf, home, "--slots", "1", "--ctx", "8192")
+    try:
+        conn = http.client.HTTPConnection(f"127.0.0.1:{s.port}", timeout=60)
+        full = {"model": "teacher", "messages": [{"role": "user", "content": "hello"}], **body}
+        conn.request(
+            "POST", "/v1/chat/completions", body=json.dumps(full), headers={"Content-Type": "application/json"}
+        )
+        time.sleep(1.0)
+        assert request(s.url + "/health")[1]["busy"] == 1
+        conn.close()
+        assert wait_idle(s, 10) == 0
+        assert ask(s.client(), "teacher")
+    finally:
+        s.stop()
+
+
+def test_a_model_id_is_never_a_path_on_the_server(server):
+    for model in (
+        "/etc",
+        "../teacher",
+        "./x",
+        "~/cards/x",
+        "teacher:0.5,/etc/passwd:0.5",
+        "/work/main/personas/teacher",
+    ):
+        status, data = post(
+            server.url + "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert status == 404 and data["error"]["code"] == "model_not_found", (model, data)
+        assert "persona.toml" not in data["error"]["message"]
+
+
+def test_deeply_nested_json_is_a_400(server):
+    status, data = post(server.url + "/v1/chat/completions", b"[" * 200_000)
+    assert status == 400 and "nested" in data["error"]["message"]
+
+
+def test_a_forced_stop_with_answers_running_never_crashes(tiny_gguf, home):
+    """Ctrl-C twice while two answers generate: their threads stop before the model is freed."""
+    import signal
+
+    s = Server(tiny_gguf, home, "--slots", "2", "--ctx", "8192")
+    conns = []
+    try:
+        for _ in range(2):
+            conn = http.client.HTTPConnection(f"127.0.0.1:{s.port}", timeout=60)
+            body = {"model": "teacher", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000}
+            conn.request(
+                "POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+            )
+            conns.append(conn)
+        time.sleep(1.0)
+        s.proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        s.proc.send_signal(signal.SIGINT)
+        code = s.proc.wait(timeout=60)
+        assert code not in (-signal.SIGSEGV, -signal.SIGABRT, 139, 134), s.log.read_text()
+    finally:
+        for conn in conns:
+            conn.close()
+        if s.proc.poll() is None:
+            s.proc.kill()

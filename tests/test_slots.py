@@ -90,9 +90,12 @@ def test_two_slots_with_different_personas_generate_concurrently(request, which,
         assert backend.loaded_adapters == 1  # one adapter load for all slots
 
 
-def test_llama_slots_run_in_parallel_threads(llama, lora_a_gguf, cvec_gguf):
-    slots = [llama.new_slot() for _ in range(2)]
-    slots[0].apply(lora(lora_a_gguf))
+@pytest.mark.parametrize("which", ["llama", "tf"])
+def test_slots_run_in_parallel_threads(request, which, lora_a_gguf, lora_a_peft, cvec_gguf):
+    """As a server runs them: one thread per request (transformers takes turns on the model's lock)."""
+    backend = request.getfixturevalue(which)
+    slots = [backend.new_slot() for _ in range(2)]
+    slots[0].apply(lora(lora_a_gguf if which == "llama" else lora_a_peft))
     slots[1].apply(steered(cvec_gguf))
     jobs = [(MESSAGES, GREEDY), (OTHER, SEEDED)]
     alone = [ids_alone(s, *job) for s, job in zip(slots, jobs)]
@@ -101,12 +104,14 @@ def test_llama_slots_run_in_parallel_threads(llama, lora_a_gguf, cvec_gguf):
     def run(i: int) -> None:
         got[i] = ids_alone(slots[i], *jobs[i])
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert got == alone
+    for _ in range(2):
+        got = [None, None]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert got == alone
 
 
 def test_a_new_slot_restores_a_persona_state_another_slot_saved(llama):

@@ -15,17 +15,20 @@ def register(app: typer.Typer) -> None:
 
 
 def serve(
-    model: Annotated[str | None, typer.Option("-m", "--model", help="GGUF file, model folder, or alias.")] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to bind (others can reach it only if you say so).")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
+    model: Annotated[
+        str | None, typer.Option("-m", "--model", metavar="MODEL", help="GGUF file, model folder, or alias.")
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", metavar="ADDRESS", help="Address to bind (others can reach it only if you say so).")
+    ] = ("127.0.0.1"),
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="TCP port.")] = 8000,
     slots: Annotated[
         int,
         typer.Option(
             "--slots",
             min=1,
             max=64,
+            metavar="N",
             help="Requests generating at once (independent sequences on the one model).",
         ),
     ] = 2,
@@ -35,6 +38,7 @@ def serve(
             "--queue",
             min=0,
             max=10000,
+            metavar="N",
             help="Requests that may wait for a slot; beyond them the answer is 503.",
         ),
     ] = 64,
@@ -48,7 +52,9 @@ def serve(
     ] = None,
     ctx: Annotated[int | None, typer.Option("--ctx", metavar="INT", help="Context window per slot.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", metavar="INT", help="CPU threads.")] = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="Force a backend (see `chat plugins`).")] = None,
+    backend: Annotated[
+        str | None, typer.Option("--backend", metavar="NAME", help="Force a backend (see `chat plugins`).")
+    ] = None,
     backend_option: Annotated[
         list[str] | None,
         typer.Option(
@@ -115,4 +121,7 @@ def serve(
                 timeout_graceful_shutdown=30,
             )
         finally:
-            loaded.close()
+            # Answers still running (a forced exit, the drain timeout) use the model from their threads:
+            # stop them first; a model freed under a running llama_decode would crash the process.
+            if state.pool.stop_all():
+                loaded.close()

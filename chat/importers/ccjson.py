@@ -149,6 +149,8 @@ def card_bytes(doc: dict[str, Any], version: int = 3) -> bytes:
     for key in V1_FIELDS:  # readers of old cards look at the top (SillyTavern writes them there too)
         if key in out or version == 2:
             out[key] = data.get(key, "")
+    if version == 3 and "group_only_greetings" not in data:  # required by the V3 spec
+        data = {**data, "group_only_greetings": []}
     out = {**(V3 if version == 3 else V2), **out, "data": data}
     try:
         return json.dumps(out, ensure_ascii=False, indent=2).encode("utf-8")

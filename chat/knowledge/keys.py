@@ -1,15 +1,22 @@
 """Matching a lorebook key against recent text: plain, whole-word, case-sensitive or a regular expression.
 
-Keys come from strangers' cards. A regular expression can take exponential time on a crafted
-input (``(a+)+$``), and Python's ``re`` has no timeout, so :func:`regex_problem` refuses, when
-the card is read, the patterns that can: a quantified group that itself holds a quantifier,
-and backreferences. Patterns are also bounded in length, and compiled once.
+Keys come from strangers' cards. A regular expression can take exponential (``(a+)+$``) or high
+polynomial (``\\d*\\d*\\d*x``) time on a crafted input, so :func:`regex_problem` refuses, when the
+card is read, the obvious cases (a quantified group that holds a quantifier, backreferences), and
+every regular-expression key is matched with the ``regex`` package under a time limit
+(:data:`REGEX_TIMEOUT_S`): a key that runs out of time counts as not found. Patterns are bounded in
+length and compiled once.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from typing import Any
+
+import regex as timed_re
+
+REGEX_TIMEOUT_S = 0.05  # per key and turn: a key that needs longer counts as not found
 
 MAX_KEY_CHARS = 500
 _SLASHED = re.compile(r"/(.+)/([a-z]*)\Z", re.DOTALL)  # SillyTavern writes regex keys as /pattern/flags
@@ -73,7 +80,7 @@ def _repeats(pattern: str, i: int) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def compiled(key: str, *, regex: bool, case_sensitive: bool, whole_words: bool) -> re.Pattern[str] | None:
+def compiled(key: str, *, regex: bool, case_sensitive: bool, whole_words: bool) -> Any:
     """The pattern for one key; None for an empty key or a regular expression that may not be used."""
     if not key.strip():
         return None
@@ -82,7 +89,10 @@ def compiled(key: str, *, regex: bool, case_sensitive: bool, whole_words: bool) 
         if regex_problem(key):
             return None
         pattern, extra = _pattern_and_flags(key)
-        return re.compile(pattern, flags | extra)
+        try:
+            return timed_re.compile(pattern, int(flags | extra) | timed_re.VERSION0)
+        except (timed_re.error, RecursionError, OverflowError):
+            return None
     body = re.escape(key.strip())
     if whole_words:
         body = rf"(?<!\w){body}(?!\w)"
@@ -107,4 +117,11 @@ def key_in(
         if not whole_words:
             return True
     pattern = compiled(key, regex=regex, case_sensitive=case_sensitive, whole_words=whole_words)
-    return pattern is not None and pattern.search(text) is not None
+    if pattern is None:
+        return False
+    if not regex:
+        return pattern.search(text) is not None
+    try:
+        return pattern.search(text, timeout=REGEX_TIMEOUT_S) is not None
+    except TimeoutError:
+        return False

@@ -74,6 +74,9 @@ class CommonRequest(BaseModel):
 class ChatRequest(CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Any] | None = None
+    # Ours: false = the messages are the whole prompt (chat's remote backend assembled the card's prompt
+    # parts already); the persona's adapters, vectors and sampler settings still apply.
+    persona_prompt: bool = True
 
 
 class CompletionRequest(CommonRequest):

@@ -10,6 +10,7 @@ the defaults, config.toml's ``[sampling]`` and the card's, then validated as on 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -50,10 +51,16 @@ class ServerState:
     api_key: str | None = None
     stages: Any = None
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
-    _knowledge: dict[str, Any] = field(default_factory=dict)
+    _knowledge: dict[tuple[str, ...], Any] = field(default_factory=dict)  # by note roots, oldest first
 
     def persona(self, model: str) -> Persona:
-        """The persona a request's ``model`` names; an unknown one is a 404."""
+        """The persona a request's ``model`` names; an unknown one is a 404.
+
+        Only the catalog's cards (and mixes of them): a client never makes the server read a path.
+        """
+        names = [part.rpartition(":")[0] if ":" in part else part for part in model.split(",")]
+        if any(_looks_like_path(n.strip()) for n in names):
+            raise APIError(404, f"model {model!r} does not exist", code="model_not_found", param="model")
         if model in (self.model_id, "default"):
             spec = self.default_persona
             return self.catalog.resolve(spec) if spec and spec != "default" else NO_PERSONA
@@ -86,9 +93,16 @@ class ServerState:
     def assemble(self, persona: Persona, conversation: list[Message], system: str | None) -> list[Message]:
         from chat.prompt import assemble, knowledge_state
 
-        knowledge = self._knowledge.get(persona.label)
+        roots = tuple(sorted(str(k.path) for k in persona.knowledge if k.path is not None and k.enabled))
+        knowledge = self._knowledge.pop(roots, None)
         if knowledge is None:
-            knowledge = self._knowledge[persona.label] = knowledge_state(persona)
+            knowledge = knowledge_state(persona)
+            while len(self._knowledge) >= 32:  # bounded: each retriever holds a database connection
+                old = self._knowledge.pop(next(iter(self._knowledge)))
+                index = getattr(old.retriever, "index", None)
+                if index is not None:
+                    index.close()
+        self._knowledge[roots] = knowledge  # most recently used last
         prompt = assemble(
             persona,
             conversation,
@@ -108,7 +122,13 @@ def create_app(state: ServerState) -> Any:
 
     async def health(request: Request) -> Response:
         return JSONResponse(
-            {"status": "ok", "model": state.model_id, "slots": len(state.pool.slots), "busy": state.pool.busy}
+            {
+                "status": "ok",
+                "model": state.model_id,
+                "slots": len(state.pool.slots),
+                "busy": state.pool.busy,
+                "context_size": getattr(state.backend, "context_size", None),  # for remote clients' accounting
+            }
         )
 
     async def models(request: Request) -> Response:
@@ -127,13 +147,16 @@ def create_app(state: ServerState) -> Any:
         persona = state.persona(req.model)
         settings = state.settings(persona, sampler_layer(req))
         conversation, system = chat_messages(req)
-        messages = state.assemble(persona, conversation, system)
+        if req.persona_prompt:
+            messages = state.assemble(persona, conversation, system)
+        else:  # the client assembled the prompt itself (chat's remote backend): only the parameter parts apply
+            messages = ([Message("system", system)] if system else []) + conversation
 
-        def start(slot: Any) -> Iterator[str | Finish]:
+        def start(slot: Any, cancel: Callable[[], bool]) -> Iterator[str | Finish]:
             slot.apply(persona)
-            return slot.stream(messages, settings)
+            return slot.stream(messages, settings, cancel=cancel)
 
-        return await respond(req, start, chat=True)
+        return await respond(request, req, start, chat=True)
 
     async def completions(request: Request) -> Response:
         check_key(request)
@@ -145,43 +168,64 @@ def create_app(state: ServerState) -> Any:
             raise APIError(400, "prompt: one prompt per request is supported", param="prompt")
         text = prompts[0]
 
-        def start(slot: Any) -> Iterator[str | Finish]:
+        def start(slot: Any, cancel: Callable[[], bool]) -> Iterator[str | Finish]:
             slot.apply(persona)  # the card's parameter parts; a raw completion has no prompt parts
-            return slot.stream_tokens(slot.text_tokens(text), settings)
+            return slot.stream_tokens(slot.text_tokens(text), settings, cancel=cancel)
 
-        return await respond(req, start, chat=False, echo=text if req.echo else "")
+        return await respond(request, req, start, chat=False, echo=text if req.echo else "")
 
     async def respond(
-        req: CommonRequest, start: Callable[[Any], Iterator[str | Finish]], *, chat: bool, echo: str = ""
+        request: Request,
+        req: CommonRequest,
+        start: Callable[[Any, Callable[[], bool]], Iterator[str | Finish]],
+        *,
+        chat: bool,
+        echo: str = "",
     ) -> Response:
+        """Wait for a slot, start the generation, answer; a client that leaves stops it at the next token."""
         from starlette.responses import StreamingResponse
 
-        slot = await state.pool.acquire()
-        generation = Generation(lambda: start(slot), lambda: state.pool.release(slot))
-        generation.begin()
-        items = generation.items()
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, gone))
         try:
-            first = await items.__anext__()
-        except StopAsyncIteration:  # pragma: no cover - a stream always ends with a Finish
-            first = Finish("stop")
-        except BaseException as exc:
-            generation.cancel.set()
-            raise _api_error(exc) from None
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        if not req.stream:
+            slot = await _unless_gone(state.pool.acquire(), gone)
+            generation = state.pool.start(slot, start)
+            items = generation.items()
+            try:
+                first = await _unless_gone(items.__anext__(), gone)
+            except StopAsyncIteration:  # pragma: no cover - a stream always ends with a Finish
+                first = Finish("stop")
+            except BaseException as exc:
+                generation.cancel.set()
+                if isinstance(exc, (asyncio.CancelledError, ClientGone)):
+                    raise
+                raise _api_error(exc) from None
+            ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+            created = int(time.time())
+            if req.stream:
+                watcher.cancel()  # the streaming response watches for the client itself
+                return StreamingResponse(
+                    sse(req, generation, items, first, ident, created, chat, echo),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
             parts = [echo] if echo else []
             finish = first if isinstance(first, Finish) else None
             if finish is None:
                 parts.append(str(first))
                 try:
-                    async for item in items:
+                    while finish is None:
+                        item = await _unless_gone(items.__anext__(), gone)
                         if isinstance(item, Finish):
                             finish = item
                         else:
                             parts.append(item)
+                except StopAsyncIteration:
+                    pass
                 except BaseException as exc:
                     generation.cancel.set()
+                    if isinstance(exc, (asyncio.CancelledError, ClientGone)):
+                        raise
                     raise _api_error(exc) from None
             finish = finish or Finish("stop")
             text = "".join(parts)
@@ -202,11 +246,11 @@ def create_app(state: ServerState) -> Any:
                     "usage": _usage(finish),
                 }
             )
-        return StreamingResponse(
-            sse(req, generation, items, first, ident, created, chat, echo),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        except ClientGone:
+            state.log(make_visible(f"client gone: model={req.model}"))
+            return Response(status_code=499)
+        finally:
+            watcher.cancel()
 
     async def sse(
         req: CommonRequest,
@@ -289,6 +333,8 @@ def create_app(state: ServerState) -> Any:
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise APIError(400, f"the body is not JSON: {exc}") from None
+        except RecursionError:
+            raise APIError(400, "the body is not JSON this server takes: nested too deeply") from None
 
     def log_request(req: CommonRequest, status: int, finish: Finish | None) -> None:
         used = (
@@ -331,6 +377,36 @@ def create_app(state: ServerState) -> Any:
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was complete."""
+
+
+async def _watch_disconnect(request: Any, gone: asyncio.Event) -> None:
+    """Set ``gone`` when the client disconnects (the body has been read: the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            gone.set()
+            return
+
+
+async def _unless_gone(awaitable: Any, gone: asyncio.Event) -> Any:
+    """Await ``awaitable``, or raise ClientGone (cancelling it) as soon as the client has left."""
+    task = asyncio.ensure_future(awaitable)
+    waiter = asyncio.ensure_future(gone.wait())
+    try:
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientGone
+
+
 def _api_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
@@ -341,6 +417,10 @@ def _api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ChatError):
         return APIError(500, exc.message, "server_error")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or "\\" in name or name.startswith((".", "~")) or name.endswith(".toml")
 
 
 def _reason(finish: Finish | None) -> str:

@@ -11,7 +11,9 @@ leaves the slot's memory consistent, and the slot goes back to the pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -30,6 +32,7 @@ class SlotPool:
         self._free = list(slots)
         self._waiting: deque[asyncio.Future] = deque()
         self.queue = queue
+        self.live: set[Generation] = set()  # generations whose thread may still use a slot
 
     @property
     def busy(self) -> int:
@@ -54,8 +57,30 @@ class SlotPool:
             if future.done() and not future.cancelled():
                 self.release(future.result())  # handed a slot just as the client left
             else:
-                self._waiting.remove(future)
+                with contextlib.suppress(ValueError):  # release() may have dropped it already
+                    self._waiting.remove(future)
             raise
+
+    def start(self, slot: Any, start: Callable[[Any, Callable[[], bool]], Iterator[str | Finish]]) -> "Generation":
+        """Run ``start(slot, cancelled)`` in a worker thread; the slot comes back when the thread is done."""
+
+        def done() -> None:
+            self.live.discard(generation)
+            self.release(slot)
+
+        generation = Generation(lambda: start(slot, generation.cancel.is_set), done)
+        self.live.add(generation)
+        generation.begin()
+        return generation
+
+    def stop_all(self, timeout: float = 30.0) -> bool:
+        """Cancel every generation and wait for its thread (before the model is freed); False if one hangs on."""
+        for generation in list(self.live):
+            generation.cancel.set()
+        deadline = time.monotonic() + timeout
+        for generation in list(self.live):
+            generation.thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(g.thread.is_alive() for g in self.live)
 
     def release(self, slot: Any) -> None:
         while self._waiting:

@@ -80,7 +80,7 @@ class LlamaModel:
         self.n_ctx_train = int(L.llama_model_n_ctx_train(self.ptr))
         self.threads = options.threads or default_threads()
         self.states = StateCache(options.kv_cache_bytes)
-        self.lock = threading.Lock()  # the saved-state cache, shared by slots in several threads
+        self.lock = threading.RLock()  # loaded adapters and saved states, shared by slots in several threads
         self.bos = int(L.llama_vocab_bos(self.vocab))
         self.eos = int(L.llama_vocab_eos(self.vocab))
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab)) and self.bos >= 0

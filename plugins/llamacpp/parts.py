@@ -66,6 +66,7 @@ class ParameterParts:
         self.key: tuple = NO_PARTS
         self.active: list[ActivePart] = []
         self.loads = 0  # llama_adapter_lora_init calls that succeeded
+        self._lora_set: tuple[list[Any], list[float]] = ([], [])  # what the context has attached
 
     # --- checking and loading ------------------------------------------------------------
 
@@ -155,13 +156,7 @@ class ParameterParts:
         buffer, il_start, il_end, vector_key = self._vector_buffer(vectors)
 
         L = self._L
-        n = len(ptrs)
-        if n:
-            arr = (L.llama_adapter_lora_p_ctypes * n)(*ptrs)
-            scales = (ctypes.c_float * n)(*(s for _, s in live))
-            rc = L.llama_set_adapters_lora(self._ctx, arr, n, scales)
-        else:
-            rc = L.llama_set_adapters_lora(self._ctx, None, 0, None)
+        rc = self._set_loras(ptrs, [s for _, s in live])
         if rc != 0:
             raise AdapterError(
                 f"llama.cpp could not attach the adapters of {persona.label} (code {rc})",
@@ -174,10 +169,13 @@ class ParameterParts:
             ptr = buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             rc = L.llama_set_adapter_cvec(self._ctx, ptr, buffer.size, self.base.n_embd, il_start, il_end)
         if rc != 0:
+            reason = native.recent_errors()
+            self._set_loras(*self._lora_set)  # the context keeps the previous set, adapters included
             raise AdapterError(
                 f"llama.cpp refused the control vectors of {persona.label} on {self.base.name} (code {rc})",
-                native.recent_errors() or "use vectors generated for this base model",
+                reason or "use vectors generated for this base model",
             )
+        self._lora_set = (ptrs, [s for _, s in live])
 
         self.key = (tuple(sorted((str(p), round(s, 6)) for p, s in live)), vector_key)
         self.active = [
@@ -220,6 +218,13 @@ class ParameterParts:
         if not used:
             return None, -1, -1, ()
         return np.ascontiguousarray(buf.reshape(-1)), min(used), max(used), tuple(sorted(key))
+
+    def _set_loras(self, ptrs: list[Any], scales: list[float]) -> int:
+        L, n = self._L, len(ptrs)
+        if not n:
+            return int(L.llama_set_adapters_lora(self._ctx, None, 0, None))
+        arr = (L.llama_adapter_lora_p_ctypes * n)(*ptrs)
+        return int(L.llama_set_adapters_lora(self._ctx, arr, n, (ctypes.c_float * n)(*scales)))
 
     def detach_all(self) -> None:
         if self._ctx:

@@ -104,7 +104,8 @@ class LlamaSlot(LocalSlot):
         template = self.model.templates.for_card(persona.template, persona.name)
         loads = self.parts.loads
         try:
-            warnings = self.parts.attach(persona)
+            with self.model.lock:  # adapters are loaded once per model, whichever slot asks first
+                warnings = self.parts.attach(persona)
         finally:
             self.stats.adapter_loads += self.parts.loads - loads
         self.use_template(template)
