@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from chat.errors import ConfigError
 from chat.tomlfile import quote, read_toml, shorten
@@ -26,9 +26,21 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    path: str = Field(description="a GGUF file, a Hugging Face model folder, or a model id")
+    path: str | None = Field(None, description="a GGUF file, a Hugging Face model folder, or a model id")
+    url: str | None = Field(None, description="a serving engine's OpenAI URL (http://host:8000/v1); not with path")
     backend: str | None = None
     template: str | None = Field(None, description="chat template: a well-known name or a Jinja file")
+
+    @model_validator(mode="after")
+    def _path_or_url(self) -> "ModelEntry":
+        if (self.path is None) == (self.url is None):
+            raise ValueError("give either path (a model file or folder) or url (a serving engine), not both")
+        return self
+
+    @property
+    def location(self) -> str:
+        """What the entry points at: its url or its path."""
+        return self.url or self.path or ""
 
     @property
     def options(self) -> dict[str, Any]:

@@ -42,7 +42,9 @@ def choose_model(spec: str | None, config: ConfigFile, paths: Paths, backend: st
         opts = entry.options
         if entry.template:
             opts["template_origin"] = f"config models.{shorten(spec, 40)}"
-        location = user_path(entry.path, ConfigError, f"{paths.config_file}: models.{shorten(spec, 40)}.path")
+        if entry.url is not None:  # a serving engine: the URL is the location, the entry's other keys its options
+            return ModelChoice(spec, entry.url, backend or entry.backend, spec, opts)
+        location = user_path(entry.location, ConfigError, f"{paths.config_file}: models.{shorten(spec, 40)}.path")
         return ModelChoice(spec, str(location), backend or entry.backend, spec, opts)
     path = user_path(spec, UsageError if origin == "-m" else ConfigError, origin)
     if not os.path.exists(path) and not _looks_like_id(spec) and not _claimed_by_backend(spec):

@@ -21,6 +21,7 @@ from chat.errors import ChatError
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "chat_plugins.llamacpp",
     "chat_plugins.transformers_backend",
+    "chat_plugins.remote",
     "chat_plugins.word_filter",
     "chat_personas",
 )

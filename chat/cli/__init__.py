@@ -78,6 +78,9 @@ def _register() -> None:
     history.register(app)
     plugins.register(app)
     serve.register(app)
+    from chat.cli import remote
+
+    remote.register(models.models_app, personas.personas_app)  # models served, personas serve-args
 
 
 _register()

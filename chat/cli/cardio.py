@@ -43,8 +43,13 @@ def export_card(
     fmt: Annotated[str, typer.Option("--format", "-f", help="png, json, charx or modelfile.")] = "png",
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="File to write (default: NAME.EXT).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output file.")] = False,
+    merged_lora: Annotated[
+        bool, typer.Option("--merged-lora", help="Write the card's adapters, at their scales, as one LoRA GGUF.")
+    ] = False,
 ) -> None:
     """Write a card as a Character Card V3 (PNG, JSON, CHARX) or an ollama Modelfile; imported fields come back."""
+    if merged_lora:
+        return _export_merged_lora(name, output, force)
     with guard():
         import os
 
@@ -75,6 +80,22 @@ def export_card(
         for note in notes:
             echo(note, err=True)
         echo(f"exported {loaded.card.name} → {target} ({len(data):,} bytes)")
+
+
+def _export_merged_lora(name: str, output: Optional[Path], force: bool) -> None:
+    """``--merged-lora``: one adapter for engines that apply one per request (vLLM); chat.convert.merge."""
+    with guard():
+        import os
+
+        from chat.convert.merge import merge_adapters
+        from chat.errors import UsageError
+
+        persona = AppContext().catalog.resolve(name)
+        target = output or Path(f"{persona.name}-merged.gguf")
+        if os.path.lexists(target) and not force:
+            raise UsageError(f"{target} already exists", "pass --force to overwrite it, or -o another file")
+        merged = merge_adapters(persona, target)
+        echo(f"merged {merged.parts} adapter(s) of {persona.label} → {merged.path} (rank {merged.rank}, scale 1)")
 
 
 def card_details(persona) -> list[str]:

@@ -31,7 +31,8 @@ def list_models() -> None:
                 entry = model_entry(config, alias)
                 assert entry is not None
                 star = " (default)" if alias == config.default_model else ""
-                echo(f"  {alias}{star} → {entry.path}")
+                remote = f"  [remote, engine {(entry.model_extra or {}).get('engine') or 'auto'}]" if entry.url else ""
+                echo(f"  {alias}{star} → {entry.location}{remote}")
         files = find_gguf_files(app.paths)
         if files:
             echo("gguf files:")

@@ -98,8 +98,8 @@ def _base_model(app: AppContext, spec: str | None):
     import os
 
     from chat.errors import ChatError
-    from chat.parts.shape import BaseShape
     from chat.models import choose_model
+    from chat.parts.shape import BaseShape
 
     explicit = spec is not None
     if not (spec or os.environ.get("CHAT_MODEL") or app.config.default_model):

@@ -53,8 +53,8 @@ def samplers(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand:
         return
     with guard():
-        from chat.plugins import get_registry
         from chat.cli.common import AppContext
+        from chat.plugins import get_registry
         from chat.presets import all_presets
         from chat.sampling import DEFAULT_ORDER, STAGE_PARAMS, describe_fields
 

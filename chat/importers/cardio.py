@@ -176,8 +176,8 @@ def export_card(folder: Path, fmt: Format, system: str, render: Callable[[str], 
         notes.append("note: parts inherited through `extends` are not exported; only this card's own fields")
     if fmt == "modelfile":
         return _export_modelfile(current, snapshot, source, system, notes, render)
-    doc = source.get("document") if isinstance(source.get("document"), dict) else {**ccjson.V3, "data": {}}
-    base = doc.get("data") if isinstance(doc.get("data"), dict) else {}
+    doc: dict[str, Any] = source["document"] if isinstance(source.get("document"), dict) else {**ccjson.V3, "data": {}}
+    base: dict[str, Any] = doc["data"] if isinstance(doc.get("data"), dict) else {}
     if not source.get("document"):
         snapshot = {}
     data = mapping.data_from_card(current, snapshot, base)

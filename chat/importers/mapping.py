@@ -204,7 +204,7 @@ def _int(value: Any, default: int, low: int = -(10**9), high: int = 10**9) -> in
 
 def entry_to_knowledge(entry: dict[str, Any], index: int) -> dict[str, Any]:
     """One ``character_book`` entry as a ``[[knowledge]]`` entry (SillyTavern's extensions read too)."""
-    ext = entry.get("extensions") if isinstance(entry.get("extensions"), dict) else {}
+    ext: dict[str, Any] = entry["extensions"] if isinstance(entry.get("extensions"), dict) else {}
     out: dict[str, Any] = {"title": _s(entry, "comment") or _s(entry, "name"), "text": _s(entry, "content")}
     out["keys"] = _list(entry, "keys")
     if entry.get("selective") and _list(entry, "secondary_keys"):
@@ -308,9 +308,9 @@ def data_from_card(current: dict[str, Any], snapshot: dict[str, Any], base: dict
 
 
 def _card_to_book(current: dict[str, Any], snapshot: dict[str, Any], data: dict[str, Any]) -> None:
-    old = data.get("character_book") if isinstance(data.get("character_book"), dict) else {}
+    old: dict[str, Any] = data["character_book"] if isinstance(data.get("character_book"), dict) else {}
     book = copy.deepcopy(old) or {"extensions": {}}
-    base_entries = old.get("entries") if isinstance(old.get("entries"), list) else []
+    base_entries: list[Any] = old["entries"] if isinstance(old.get("entries"), list) else []
     before = {e.get("book_index"): e for e in snapshot.get("knowledge", []) if e.get("book_index") is not None}
     entries = []
     for i, item in enumerate(current.get("knowledge", [])):

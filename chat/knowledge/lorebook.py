@@ -92,19 +92,24 @@ def _match(entry: KnowledgeItem, text: str, lowered: str) -> str | None:
     """``key 'X'`` when the entry's keys and secondary keys agree with ``text``; None otherwise."""
     if not text:
         return None
-    rules = {
-        "regex": entry.use_regex,
-        "case_sensitive": entry.case_sensitive,
-        "whole_words": entry.whole_words,
-        "lowered": lowered,
-    }
-    hit = next((k for k in entry.keys or () if key_in(text, k, **rules)), None)
+
+    def found_in(key: str) -> bool:
+        return key_in(
+            text,
+            key,
+            regex=entry.use_regex,
+            case_sensitive=entry.case_sensitive,
+            whole_words=entry.whole_words,
+            lowered=lowered,
+        )
+
+    hit = next((k for k in entry.keys or () if found_in(k)), None)
     if hit is None:
         return None
     why = f"key {hit!r}"
     if not entry.secondary_keys:
         return why
-    found = [k for k in entry.secondary_keys if key_in(text, k, **rules)]
+    found = [k for k in entry.secondary_keys if found_in(k)]
     logic = entry.selective_logic
     agree = {
         "and_any": bool(found),

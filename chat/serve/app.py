@@ -156,7 +156,7 @@ def create_app(state: ServerState) -> Any:
             slot.apply(persona)
             return slot.stream(messages, settings, cancel=cancel)
 
-        return await respond(request, req, start, chat=True)
+        return await respond(request, req, start, chat=True, persona_label=persona.label)
 
     async def completions(request: Request) -> Response:
         check_key(request)
@@ -172,7 +172,9 @@ def create_app(state: ServerState) -> Any:
             slot.apply(persona)  # the card's parameter parts; a raw completion has no prompt parts
             return slot.stream_tokens(slot.text_tokens(text), settings, cancel=cancel)
 
-        return await respond(request, req, start, chat=False, echo=text if req.echo else "")
+        return await respond(
+            request, req, start, chat=False, persona_label=persona.label, echo=text if req.echo else ""
+        )
 
     async def respond(
         request: Request,
@@ -180,6 +182,7 @@ def create_app(state: ServerState) -> Any:
         start: Callable[[Any, Callable[[], bool]], Iterator[str | Finish]],
         *,
         chat: bool,
+        persona_label: str,
         echo: str = "",
     ) -> Response:
         """Wait for a slot, start the generation, answer; a client that leaves stops it at the next token."""
@@ -188,7 +191,7 @@ def create_app(state: ServerState) -> Any:
         gone = asyncio.Event()
         watcher = asyncio.create_task(_watch_disconnect(request, gone))
         try:
-            slot = await _unless_gone(state.pool.acquire(), gone)
+            slot = await _unless_gone(state.pool.acquire(persona_label), gone)
             generation = state.pool.start(slot, start)
             items = generation.items()
             try:

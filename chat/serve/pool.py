@@ -38,9 +38,14 @@ class SlotPool:
     def busy(self) -> int:
         return len(self.slots) - len(self._free)
 
-    async def acquire(self) -> Any:
+    async def acquire(self, persona: str | None = None) -> Any:
+        """A free slot — the last one that served ``persona`` if free (its memory holds that persona's
+        prefix), else the most recently used one — or wait in line for one."""
         if self._free:
-            return self._free.pop(0)
+            for i in range(len(self._free) - 1, -1, -1):
+                if persona is not None and getattr(self._free[i], "persona_name", None) == persona:
+                    return self._free.pop(i)
+            return self._free.pop()
         if len(self._waiting) >= self.queue:
             raise APIError(
                 503,
