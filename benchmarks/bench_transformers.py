@@ -178,7 +178,7 @@ def main() -> None:
 
     # 1. decode speed: chat's stream loop and bare generate() alternating, same prompt ids
     backend = load()
-    print(f"model: {backend.n_params / 1e6:.1f}M parameters, float32, vocab {backend.n_vocab}, {torch.get_num_threads()} torch threads")
+    print(f"model: {backend.model.n_params / 1e6:.1f}M parameters, float32, vocab {backend.n_vocab}, {torch.get_num_threads()} torch threads")
     messages = [Message("user", PROMPT)]
     prompt = backend.prompt_tokens(messages)
     bare = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True, local_files_only=True)

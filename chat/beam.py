@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from chat.backend import Finish, FinishReason, Usage
-from chat.generation import StreamStats, timings
+from chat.generation import prefill, timings
 from chat.stops import StopHolder
 
 if TYPE_CHECKING:
@@ -46,13 +46,8 @@ def beam_search(
         yield Finish("interrupted", Usage(prompt_tokens=len(prompt)))
         return
     n_beams = int(sampling.beams)
-    last = StreamStats(prompt_tokens=len(prompt), finish="closed")
+    last, reused, prompt_done = prefill(slot, prompt)
     stats = slot.stats
-    stats.last = last
-    stats.streams += 1
-    reused = slot.prefill(prompt, last)
-    stats.prefilled(last, len(prompt), reused)
-    prompt_done = time.perf_counter()
     end_ids = sorted(slot.end_ids)
     room = max(1, (slot.context_size - len(prompt)) // n_beams)  # the beams share the context
     max_new = min(sampling.max_tokens or room, room)

@@ -65,6 +65,17 @@ class SlotStats:
         self.prompt_tokens_evaluated += prompt_len - reused
 
 
+def prefill(slot: "Slot", prompt: list[int]) -> tuple[StreamStats, int, float]:
+    """Start a generation's record and evaluate the prompt: (the record, tokens reused, when it was done)."""
+    last = StreamStats(prompt_tokens=len(prompt), finish="closed")
+    stats = slot.stats
+    stats.last = last
+    stats.streams += 1
+    reused = slot.prefill(prompt, last)
+    stats.prefilled(last, len(prompt), reused)
+    return last, reused, time.perf_counter()
+
+
 def generate(
     slot: "Slot",
     prompt: list[int],
@@ -84,13 +95,8 @@ def generate(
     if cancelled():
         yield Finish("interrupted", Usage(prompt_tokens=len(prompt)))
         return
-    last = StreamStats(prompt_tokens=len(prompt), finish="closed")
+    last, reused, prompt_done = prefill(slot, prompt)
     stats = slot.stats
-    stats.last = last
-    stats.streams += 1
-    reused = slot.prefill(prompt, last)
-    stats.prefilled(last, len(prompt), reused)
-    prompt_done = time.perf_counter()
     slot.start_sampling(prompt)
     text = StopHolder(stops)
     decoder = slot.decoder(prompt)

@@ -41,8 +41,14 @@ class TerminalReporter:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=True)
+        self._bar = Progress(
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            transient=True,
+        )
         self._task = self._bar.add_task("train", total=total, stats="")
         try:
             with self._bar:
@@ -72,7 +78,7 @@ def make(
     positive: Annotated[Path | None, typer.Option(help="Persona-style answers (pairs with --negative).")] = None,
     negative: Annotated[Path | None, typer.Option(help="Neutral answers to the same prompts.")] = None,
     method: Annotated[str, typer.Option(help="Vector reduction: mean or pca.")] = "mean",
-    pairs: Annotated[int, typer.Option(help="Contrastive pairs used for the vector.")] = 64,
+    pairs: Annotated[int, typer.Option(help="Contrastive pairs used for the vector.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for the split, the init and the batch order.")] = 0,
     epochs: Annotated[int, typer.Option(help="LoRA epochs.")] = 3,
     lr: Annotated[float, typer.Option(help="LoRA learning rate.")] = 1e-3,
@@ -93,12 +99,25 @@ def make(
 
         app = AppContext()
         request = MakeRequest(
-            name=name, base=base, data=data, out=out or app.paths.personas_dir / name,
-            vector=vector or not lora, lora=lora, force=force, positive=positive, negative=negative,
-            method=method, pairs=pairs, held_out=held_out, max_tokens=max_tokens, resume=resume, threads=threads,
+            name=name,
+            base=base,
+            data=data,
+            out=out or app.paths.personas_dir / name,
+            vector=vector or not lora,
+            lora=lora,
+            force=force,
+            positive=positive,
+            negative=negative,
+            method=method,
+            pairs=pairs,
+            held_out=held_out,
+            max_tokens=max_tokens,
+            resume=resume,
+            threads=threads,
             memory_limit=int(memory_limit * 2**30) if memory_limit is not None else None,
-            lora_settings=LoraSettings(rank=rank, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size,
-                                       patience=patience, seed=seed),
+            lora_settings=LoraSettings(
+                rank=rank, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, patience=patience, seed=seed
+            ),
         )
         outcome = make_card(request, TerminalReporter())
         if outcome.lora is not None:
@@ -111,8 +130,10 @@ def make(
         for note in outcome.notes:
             echo(f"note: {note}")
         echo(f"wrote {outcome.folder / 'persona.toml'}")
-        echo(f"try: chat --persona {outcome.folder} -m {base}    measure: chat personas eval {outcome.folder} "
-             f"-m {base} --on {data}")
+        echo(
+            f"try: chat --persona {outcome.folder} -m {base}    measure: chat personas eval {outcome.folder} "
+            f"-m {base} --on {data}"
+        )
 
 
 def evaluate(
@@ -147,8 +168,7 @@ def evaluate(
             echo(f"{row.label:16}{row.loss:8.3f}{row.perplexity:12.2f}{change:>9}")
         if answers > 0:
             prompts = [d.first_prompt for d in dialogues[:answers]]
-            for prompt, (plain, mine) in zip(prompts, greedy_answers(model, persona, prompts, max_tokens),
-                                             strict=True):
+            for prompt, (plain, mine) in zip(prompts, greedy_answers(model, persona, prompts, max_tokens), strict=True):
                 echo("")
                 echo(f"prompt: {prompt}")
                 echo(f"  base: {plain}")

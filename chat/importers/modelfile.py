@@ -220,7 +220,7 @@ def card_from_modelfile(mf: Modelfile, name: str, folder: Path) -> tuple[dict[st
     for raw, line in mf.adapters:
         path = Path(raw).expanduser()
         path = path if path.is_absolute() else folder / path
-        if path.exists():
+        if "\x00" not in raw and path.exists():  # a NUL byte makes every path call raise ValueError
             adapters.append({"path": str(path.resolve())})
         else:
             report.kept.append(f"ADAPTER {raw[:60]} (line {line}: no such file; kept for export)")
@@ -253,6 +253,8 @@ def card_from_modelfile(mf: Modelfile, name: str, folder: Path) -> tuple[dict[st
 
 def _path_or_name(model: str, folder: Path) -> str:
     """A FROM that names a file (``./x.gguf``, ``/models/x.gguf``) as an absolute path; a model name as it is."""
+    if "\x00" in model:  # no file name holds one; Path.resolve() would raise ValueError
+        raise CardFileError(f"FROM {model!r}: a model name or path cannot contain a NUL byte", "fix the FROM line")
     p = Path(model).expanduser()
     looks_like_file = model.startswith((".", "/", "~")) or model.lower().endswith(".gguf") or "\\" in model
     if not looks_like_file:

@@ -69,8 +69,13 @@ class TrainBase:
             return BaseShape.from_hf_model(self.model)
 
     def identity(self) -> dict[str, Any]:
-        return {"path": str(self.path), "format": "gguf" if self.is_gguf else "hf", "architecture": self.architecture,
-                "sha256": self.sha256, "parameters": self.n_params}
+        return {
+            "path": str(self.path),
+            "format": "gguf" if self.is_gguf else "hf",
+            "architecture": self.architecture,
+            "sha256": self.sha256,
+            "parameters": self.n_params,
+        }
 
 
 def locate(spec: str) -> tuple[Path, bool]:
@@ -98,8 +103,10 @@ def locate(spec: str) -> tuple[Path, bool]:
         found = None
     if isinstance(found, str):
         return Path(found).parent, False
-    raise ModelError(f"{choice.location}: base model not found (not a file, a folder or a cached model id)",
-                     "pass a .gguf file or a Hugging Face model folder")
+    raise ModelError(
+        f"{choice.location}: base model not found (not a file, a folder or a cached model id)",
+        "pass a .gguf file or a Hugging Face model folder",
+    )
 
 
 def check_architecture(path: Path, is_gguf: bool) -> str:
@@ -112,8 +119,9 @@ def check_architecture(path: Path, is_gguf: bool) -> str:
             raise ModelError(f"{path}: this is an adapter, not a base model", "pass the base model GGUF")
         arch = header.architecture
         if arch not in GGUF_ARCHITECTURES:
-            raise ModelError(f"{path}: architecture {arch!r} is not supported for making parts",
-                             f"supported: {SUPPORTED}")
+            raise ModelError(
+                f"{path}: architecture {arch!r} is not supported for making parts", f"supported: {SUPPORTED}"
+            )
         return arch
     from chat.convert.architecture import read_hf_config
 
@@ -121,8 +129,7 @@ def check_architecture(path: Path, is_gguf: bool) -> str:
     model_type = str(config.get("model_type") or "")
     if model_type not in HF_MODEL_TYPES:
         found = (config.get("architectures") or [model_type or "unknown"])[0]
-        raise ModelError(f"{path}: architecture {found!r} is not supported for making parts",
-                         f"supported: {SUPPORTED}")
+        raise ModelError(f"{path}: architecture {found!r} is not supported for making parts", f"supported: {SUPPORTED}")
     return model_type
 
 
@@ -158,22 +165,33 @@ def load_base(spec: str, threads: int | None = None) -> TrainBase:
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws a tqdm bar of its own
             tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, local_files_only=True, **extra)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, trust_remote_code=False,
-                                                         local_files_only=True, **extra)
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=torch.float32, trust_remote_code=False, local_files_only=True, **extra
+            )
     except ModelError:
         raise
     except Exception as exc:
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise ModelError(f"{path}: transformers could not load it: {first}",
-                         f"parts can be made for {SUPPORTED} models") from None
+        raise ModelError(
+            f"{path}: transformers could not load it: {first}", f"parts can be made for {SUPPORTED} models"
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
     model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return TrainBase(spec, path, is_gguf, model, tok, _template(tok, model, path), arch,
-                     file_hash(path, is_gguf), time.perf_counter() - started)
+    return TrainBase(
+        spec,
+        path,
+        is_gguf,
+        model,
+        tok,
+        _template(tok, model, path),
+        arch,
+        file_hash(path, is_gguf),
+        time.perf_counter() - started,
+    )
 
 
 def _template(tok: Any, model: Any, path: Path) -> Any:
@@ -184,10 +202,14 @@ def _template(tok: Any, model: Any, path: Path) -> Any:
     if isinstance(source, dict):
         source = source.get("default") or next(iter(source.values()), None)
     return TemplateSelector(
-        source or None, override=None, override_from="",
+        source or None,
+        override=None,
+        override_from="",
         has_token=lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) == 1,
         architecture=str(getattr(model.config, "model_type", "")),
-        bos_token=tok.bos_token or "", eos_token=tok.eos_token or "", model=str(path),
+        bos_token=tok.bos_token or "",
+        eos_token=tok.eos_token or "",
+        model=str(path),
     ).base
 
 

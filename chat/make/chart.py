@@ -12,8 +12,12 @@ from pathlib import Path
 BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
-def text_chart(train: Sequence[float], held: Sequence[tuple[int, float]], width: int = 60, height: int = 6,
-               ) -> list[str]:
+def text_chart(
+    train: Sequence[float],
+    held: Sequence[tuple[int, float]],
+    width: int = 60,
+    height: int = 6,
+) -> list[str]:
     """Rows of a column chart of the training loss (█) with the held-out losses marked (●), top row first."""
     if not train:
         return []
@@ -73,8 +77,9 @@ def _write_svg(path: Path, train: Sequence[float], held: Sequence[tuple[int, flo
         return f"{pad + (step - 1) / (n - 1) * (w - 2 * pad):.1f},{h - pad - (v - lo) / span * (h - 2 * pad):.1f}"
 
     line = " ".join(xy(i + 1, v) for i, v in enumerate(train))
-    dots = "".join(f'<circle cx="{xy(s, v).split(",")[0]}" cy="{xy(s, v).split(",")[1]}" r="3" fill="#d62728"/>'
-                   for s, v in held)
+    dots = "".join(
+        f'<circle cx="{xy(s, v).split(",")[0]}" cy="{xy(s, v).split(",")[1]}" r="3" fill="#d62728"/>' for s, v in held
+    )
     path.write_text(
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">'
         f'<rect width="{w}" height="{h}" fill="white"/>'

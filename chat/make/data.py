@@ -128,7 +128,7 @@ def _read_jsonl(p: Path) -> MakeData:
             raise DataError(f"{p}: line {n} is not JSON ({why})", _FORMAT_HINT) from None
         messages = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(messages, list):
-            raise DataError(f"{p}: line {n} has no \"messages\" list", _FORMAT_HINT)
+            raise DataError(f'{p}: line {n} has no "messages" list', _FORMAT_HINT)
         turns: list[Turn] = []
         for i, m in enumerate(messages, start=1):
             role = m.get("role") if isinstance(m, dict) else None
@@ -137,8 +137,10 @@ def _read_jsonl(p: Path) -> MakeData:
                 missing = "role" if not isinstance(role, str) else "content"
                 raise DataError(f"{p}: line {n}, message {i} has no {missing} (a string)", _FORMAT_HINT)
             if role not in ROLES:
-                raise DataError(f"{p}: line {n}, message {i}: role {quote(shorten(role, 30))} is not one of "
-                                f"{', '.join(ROLES)}", _FORMAT_HINT)
+                raise DataError(
+                    f"{p}: line {n}, message {i}: role {quote(shorten(role, 30))} is not one of {', '.join(ROLES)}",
+                    _FORMAT_HINT,
+                )
             if role == "system":
                 system = system or content
                 continue
@@ -175,8 +177,10 @@ def read_pairs(positive: Path, negative: Path) -> list[tuple[Dialogue, Dialogue]
     """Contrastive pairs: the same prompts answered the persona's way (``positive``) and neutrally."""
     pos, neg = read_data(positive), read_data(negative)
     if len(pos) != len(neg):
-        raise DataError(f"{negative}: {len(neg)} dialogues but {positive} has {len(pos)}",
-                        "--positive and --negative pair up line by line")
+        raise DataError(
+            f"{negative}: {len(neg)} dialogues but {positive} has {len(pos)}",
+            "--positive and --negative pair up line by line",
+        )
     return list(zip(pos.dialogues, neg.dialogues, strict=True))
 
 

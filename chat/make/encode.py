@@ -35,11 +35,16 @@ def messages_for(dialogue: Dialogue, system: str = "", examples: Sequence[tuple[
     out = [Message("system", system)] if system else []
     for user, assistant in examples:
         out += [Message("user", user), Message("assistant", assistant)]
-    return out + [Message(t.role, t.content) for t in dialogue.turns]
+    return out + [Message(t.role, t.content) for t in dialogue.turns]  # type: ignore[arg-type]  # roles checked
 
 
-def encode(base: Any, dialogue: Dialogue, system: str = "", examples: Sequence[tuple[str, str]] = (),
-           max_tokens: int = MAX_TOKENS) -> Encoded:
+def encode(
+    base: Any,
+    dialogue: Dialogue,
+    system: str = "",
+    examples: Sequence[tuple[str, str]] = (),
+    max_tokens: int = MAX_TOKENS,
+) -> Encoded:
     """Token ids of the rendered dialogue and the mask of its assistant tokens (only the dialogue's own turns)."""
     messages = messages_for(dialogue, system, examples)
     first = len(messages) - len(dialogue.turns)
@@ -52,8 +57,10 @@ def encode(base: Any, dialogue: Dialogue, system: str = "", examples: Sequence[t
         before = template.render(messages[:i], add_generation_prompt=True)
         upto = template.render(messages[: i + 1], add_generation_prompt=False)
         if not full.startswith(before) or not full.startswith(upto):
-            raise ModelError(f"{base.path}: the chat template does not render a conversation as a growing prefix",
-                             "parts can only be made with templates that do (ChatML, llama3, gemma, mistral …)")
+            raise ModelError(
+                f"{base.path}: the chat template does not render a conversation as a growing prefix",
+                "parts can only be made with templates that do (ChatML, llama3, gemma, mistral …)",
+            )
         spans.append((len(before), len(upto)))
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -87,8 +94,9 @@ def token_nll(model: Any, items: Sequence[Encoded], pad_id: int, batch_size: int
             ids, attn, labels = batch(items[start : start + batch_size], pad_id)
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
             target = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                    ignore_index=-100, reduction="sum")
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+            )
             total += float(nll)
             count += int((target != -100).sum())
     return total, count

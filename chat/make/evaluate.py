@@ -75,7 +75,8 @@ def lora_attached(base: Any, adapters: list[tuple[Path, float]]) -> Iterator[Any
                 if isinstance(scaling, dict) and name in scaling:
                     scaling[name] *= scale
         names = [f"card{i}" for i in range(len(adapters))]
-        model.base_model.set_adapter(names)
+        assert model is not None
+        model.base_model.set_adapter(names)  # type: ignore[operator]
         model.eval()
         yield model
     finally:

@@ -97,5 +97,7 @@ def staged(dest: Path, force: bool) -> Iterator[Path]:
 
 
 def _unwritable(dest: Path, exc: OSError) -> ChatError:
-    return ConfigError(f"{dest}: cannot write the card ({exc.strerror or exc})",
-                       "free some disk space or pass a writable -o; nothing was left behind")
+    return ConfigError(
+        f"{dest}: cannot write the card ({exc.strerror or exc})",
+        "free some disk space or pass a writable -o; nothing was left behind",
+    )

@@ -99,8 +99,9 @@ class LoraResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def estimate_memory(n_params: int, hidden: int, ffn: int, n_layers: int, vocab: int, rank: int,
-                    batch_size: int, seq: int) -> int:
+def estimate_memory(
+    n_params: int, hidden: int, ffn: int, n_layers: int, vocab: int, rank: int, batch_size: int, seq: int
+) -> int:
     """Bytes training needs at most: float32 weights, LoRA weights with grads and Adam moments, activations, logits."""
     lora = n_layers * rank * (4 * hidden + 2 * hidden + 3 * (hidden + ffn)) * 2  # about (in+out)·r per target
     tokens = batch_size * seq
@@ -129,10 +130,21 @@ def available_memory() -> int:
 def lora_config(settings: LoraSettings) -> dict[str, Any]:
     """adapter_config.json: a plain LoRA both backends run (sorted lists, so the file is the same every time)."""
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
-        "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "target_modules": sorted(TARGETS), "rank_pattern": {}, "alpha_pattern": {},
-        "inference_mode": True, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": settings.rank,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": sorted(TARGETS),
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
         "modules_to_save": None,
     }
 
@@ -169,10 +181,17 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def train_lora(base: Any, train: Sequence[Encoded], held: Sequence[Encoded], settings: LoraSettings,
-               checkpoint_dir: Path, fingerprint: str, resume: bool = False,
-               on_progress: Callable[[Progress], None] | None = None,
-               after: Callable[[Any], None] | None = None) -> LoraResult:
+def train_lora(
+    base: Any,
+    train: Sequence[Encoded],
+    held: Sequence[Encoded],
+    settings: LoraSettings,
+    checkpoint_dir: Path,
+    fingerprint: str,
+    resume: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+    after: Callable[[Any], None] | None = None,
+) -> LoraResult:
     """Train, evaluate and keep the best adapter; Ctrl-C raises InterruptedTraining after writing a checkpoint.
 
     ``after`` is called with the model carrying the best adapter, before the adapter is taken off again.
@@ -186,15 +205,37 @@ def train_lora(base: Any, train: Sequence[Encoded], held: Sequence[Encoded], set
     model = base.model
     base_total, base_count = token_nll(model, held, pad)
     torch.manual_seed(settings.seed)
-    peft_model = get_peft_model(model, LoraConfig(
-        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=list(TARGETS)))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=settings.rank,
+            lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft takes a float (annotated int)
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+            target_modules=list(TARGETS),
+        ),
+    )
+
     def get_state(m: Any) -> dict[str, Any]:  # "auto" would ask the Hub whether the vocabulary changed
         return get_peft_model_state_dict(m, save_embedding_layers=False)
 
     try:
-        result = _loop(peft_model, train, held, settings, config, pad, checkpoint_dir, fingerprint, resume,
-                       on_progress, base_total / max(base_count, 1), get_state, set_peft_model_state_dict)
+        result = _loop(
+            peft_model,
+            train,
+            held,
+            settings,
+            config,
+            pad,
+            checkpoint_dir,
+            fingerprint,
+            resume,
+            on_progress,
+            base_total / max(base_count, 1),
+            get_state,
+            set_peft_model_state_dict,
+        )
         if after is not None:
             set_peft_model_state_dict(peft_model, result.state)
             after(peft_model)
@@ -203,10 +244,21 @@ def train_lora(base: Any, train: Sequence[Encoded], held: Sequence[Encoded], set
         base.model = peft_model.unload()  # the plain base again, for whatever runs next
 
 
-def _loop(peft_model: Any, train: Sequence[Encoded], held: Sequence[Encoded], settings: LoraSettings,
-          config: dict[str, Any], pad: int, checkpoint_dir: Path, fingerprint: str, resume: bool,
-          on_progress: Callable[[Progress], None] | None, base_held: float, get_state: Any, set_state: Any,
-          ) -> LoraResult:
+def _loop(
+    peft_model: Any,
+    train: Sequence[Encoded],
+    held: Sequence[Encoded],
+    settings: LoraSettings,
+    config: dict[str, Any],
+    pad: int,
+    checkpoint_dir: Path,
+    fingerprint: str,
+    resume: bool,
+    on_progress: Callable[[Progress], None] | None,
+    base_held: float,
+    get_state: Any,
+    set_state: Any,
+) -> LoraResult:
     import torch
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -257,18 +309,29 @@ def _loop(peft_model: Any, train: Sequence[Encoded], held: Sequence[Encoded], se
                 else:
                     bad_evals += 1
                 stopped = settings.patience > 0 and bad_evals >= settings.patience
-            result.history.append({"step": step, "epoch": epoch + 1, "loss": round(loss, 5),
-                                   "held_loss": None if held_loss is None else round(held_loss, 5)})
+            result.history.append(
+                {
+                    "step": step,
+                    "epoch": epoch + 1,
+                    "loss": round(loss, 5),
+                    "held_loss": None if held_loss is None else round(held_loss, 5),
+                }
+            )
             elapsed = time.perf_counter() - started
             if on_progress is not None:
-                on_progress(Progress(step, total, epoch + 1, loss, held_loss,
-                                     result.tokens / elapsed if elapsed else 0.0, elapsed))
+                on_progress(
+                    Progress(
+                        step, total, epoch + 1, loss, held_loss, result.tokens / elapsed if elapsed else 0.0, elapsed
+                    )
+                )
             if flag.asked and step < total and not stopped:
-                _save_checkpoint(ckpt, fingerprint, peft_model, opt, best_state, step, bad_evals, elapsed,
-                                 result, get_state)
+                _save_checkpoint(
+                    ckpt, fingerprint, peft_model, opt, best_state, step, bad_evals, elapsed, result, get_state
+                )
                 raise InterruptedTraining(
                     f"interrupted at step {step}/{total}; checkpoint kept in {checkpoint_dir}",
-                    "run the same command with --resume to continue")
+                    "run the same command with --resume to continue",
+                )
     peft_model.eval()
     result.state, result.steps, result.stopped_early = best_state, step, stopped
     result.seconds = time.perf_counter() - started
@@ -277,18 +340,38 @@ def _loop(peft_model: Any, train: Sequence[Encoded], held: Sequence[Encoded], se
     return result
 
 
-def _save_checkpoint(path: Path, fingerprint: str, model: Any, opt: Any, best_state: dict[str, Any], step: int,
-                     bad_evals: int, seconds: float, result: LoraResult, get_state: Any) -> None:
+def _save_checkpoint(
+    path: Path,
+    fingerprint: str,
+    model: Any,
+    opt: Any,
+    best_state: dict[str, Any],
+    step: int,
+    bad_evals: int,
+    seconds: float,
+    result: LoraResult,
+    get_state: Any,
+) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
-    torch.save({
-        "fingerprint": fingerprint, "state": get_state(model), "optimizer": opt.state_dict(),
-        "best_state": best_state, "step": step, "bad_evals": bad_evals, "seconds": seconds,
-        "history": json.dumps(result.history), "best_held_loss": result.best_held_loss,
-        "best_step": result.best_step, "tokens": result.tokens,
-    }, part)
+    torch.save(
+        {
+            "fingerprint": fingerprint,
+            "state": get_state(model),
+            "optimizer": opt.state_dict(),
+            "best_state": best_state,
+            "step": step,
+            "bad_evals": bad_evals,
+            "seconds": seconds,
+            "history": json.dumps(result.history),
+            "best_held_loss": result.best_held_loss,
+            "best_step": result.best_step,
+            "tokens": result.tokens,
+        },
+        part,
+    )
     os.replace(part, path)
 
 
@@ -301,11 +384,14 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"{path}: not a usable checkpoint ({type(exc).__name__})",
-                         "delete it and start without --resume") from None
+        raise UsageError(
+            f"{path}: not a usable checkpoint ({type(exc).__name__})", "delete it and start without --resume"
+        ) from None
     if saved.get("fingerprint") != fingerprint:
-        raise UsageError(f"{path}: the checkpoint is from another base, data set or settings",
-                         "resume with the same command line, or start without --resume")
+        raise UsageError(
+            f"{path}: the checkpoint is from another base, data set or settings",
+            "resume with the same command line, or start without --resume",
+        )
     return saved
 
 

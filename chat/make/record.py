@@ -27,8 +27,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-def build_record(req: Any, base: Any, data: MakeData, train_idx: list[int], held_idx: list[int],
-                 vector: VectorResult | None, lora: LoraResult | None, times: dict[str, float]) -> dict[str, Any]:
+def build_record(
+    req: Any,
+    base: Any,
+    data: MakeData,
+    train_idx: list[int],
+    held_idx: list[int],
+    vector: VectorResult | None,
+    lora: LoraResult | None,
+    times: dict[str, float],
+) -> dict[str, Any]:
     import torch
 
     record: dict[str, Any] = {
@@ -36,26 +44,49 @@ def build_record(req: Any, base: Any, data: MakeData, train_idx: list[int], held
         "name": req.name,
         "made": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "base": base.identity(),
-        "data": {"path": str(data.source), "kind": data.kind, "sha256": data.sha256, "dialogues": len(data),
-                 "train": len(train_idx), "held_out": held_idx},
-        "settings": {"vector": req.vector, "lora": req.lora, "held_out_fraction": req.held_out,
-                     "max_tokens": req.max_tokens, "threads": torch.get_num_threads(), "seed": req.lora_settings.seed},
+        "data": {
+            "path": str(data.source),
+            "kind": data.kind,
+            "sha256": data.sha256,
+            "dialogues": len(data),
+            "train": len(train_idx),
+            "held_out": held_idx,
+        },
+        "settings": {
+            "vector": req.vector,
+            "lora": req.lora,
+            "held_out_fraction": req.held_out,
+            "max_tokens": req.max_tokens,
+            "threads": torch.get_num_threads(),
+            "seed": req.lora_settings.seed,
+        },
         "times": times,
         "versions": versions(),
     }
     if vector is not None:
         record["vector"] = {
-            "method": req.method, "pairs": vector.n_pairs,
+            "method": req.method,
+            "pairs": vector.n_pairs,
             "negatives": "files" if req.negative else "the base model's own greedy answers",
-            "scale": vector.scale, "layers": list(vector.layers), "sweep_scales": list(SWEEP_SCALES),
-            "held_loss_without": round(vector.base_loss, 5), "held_loss_with": round(vector.loss, 5),
+            "scale": vector.scale,
+            "layers": list(vector.layers),
+            "sweep_scales": list(SWEEP_SCALES),
+            "held_loss_without": round(vector.base_loss, 5),
+            "held_loss_with": round(vector.loss, 5),
             "sweep": [{**asdict(p), "loss": round(p.loss, 5)} for p in vector.sweep],
         }
     if lora is not None:
         record["lora"] = {
-            "settings": settings_dict(req.lora_settings), "steps": lora.steps, "total_steps": lora.total_steps,
-            "best_step": lora.best_step, "stopped_early": lora.stopped_early, "resumed_from_step": lora.resumed_from,
-            "held_loss_without": round(lora.base_held_loss, 5), "held_loss_with": round(lora.best_held_loss, 5),
-            "tokens": lora.tokens, "tokens_per_s": round(lora.tokens_per_s, 1), "history": lora.history,
+            "settings": settings_dict(req.lora_settings),
+            "steps": lora.steps,
+            "total_steps": lora.total_steps,
+            "best_step": lora.best_step,
+            "stopped_early": lora.stopped_early,
+            "resumed_from_step": lora.resumed_from,
+            "held_loss_without": round(lora.base_held_loss, 5),
+            "held_loss_with": round(lora.best_held_loss, 5),
+            "tokens": lora.tokens,
+            "tokens_per_s": round(lora.tokens_per_s, 1),
+            "history": lora.history,
         }
     return record

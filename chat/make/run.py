@@ -40,7 +40,7 @@ class MakeRequest:
     positive: Path | None = None
     negative: Path | None = None
     method: str = "mean"
-    pairs: int = 64
+    pairs: int = 32
     held_out: float = 0.1
     max_tokens: int = 256
     lora_settings: LoraSettings = field(default_factory=LoraSettings)
@@ -82,8 +82,13 @@ def check_request(req: MakeRequest) -> None:
 
 def fingerprint(base_sha: str, data: MakeData, req: MakeRequest, held: list[int]) -> str:
     """What a checkpoint must match to be resumed: the base, the data, the split and every LoRA setting."""
-    key = {"base": base_sha, "data": data.sha256, "held": held, "lora": asdict(req.lora_settings),
-           "max_tokens": req.max_tokens}
+    key = {
+        "base": base_sha,
+        "data": data.sha256,
+        "held": held,
+        "lora": asdict(req.lora_settings),
+        "max_tokens": req.max_tokens,
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -96,16 +101,24 @@ def make_card(req: MakeRequest, ui: Reporter) -> MakeOutcome:
     data = read_data(req.data)
     train_idx, held_idx = split(len(data), req.held_out, req.lora_settings.seed)
     pairs = read_pairs(req.positive, req.negative) if req.positive and req.negative else None
-    ui.line(f"data: {len(data)} dialogues from {data.source} ({data.kind}); {len(train_idx)} to learn from, "
-            f"{len(held_idx)} held out")
+    ui.line(
+        f"data: {len(data)} dialogues from {data.source} ({data.kind}); {len(train_idx)} to learn from, "
+        f"{len(held_idx)} held out"
+    )
     base = load_base(req.base, req.threads)
-    ui.line(f"base: {base.path.name} [{base.architecture}, {base.n_params / 1e6:.1f}M parameters, "
-            f"{base.n_layers} layers] loaded in {base.load_s:.1f} s")
+    ui.line(
+        f"base: {base.path.name} [{base.architecture}, {base.n_params / 1e6:.1f}M parameters, "
+        f"{base.n_layers} layers] loaded in {base.load_s:.1f} s"
+    )
     train = [data.dialogues[i] for i in train_idx]
     held = [data.dialogues[i] for i in held_idx]
     # The card's prompt parts: its system prompt, and examples only without a LoRA (which learns them instead).
-    examples = () if req.lora else tuple(data.examples[:MAX_EXAMPLES]) or tuple(
-        (d.first_prompt, d.first_answer) for d in train[:MAX_EXAMPLES])
+    examples = (
+        ()
+        if req.lora
+        else tuple(data.examples[:MAX_EXAMPLES])
+        or tuple((d.first_prompt, d.first_answer) for d in train[:MAX_EXAMPLES])
+    )
     times: dict[str, float] = {"load_s": round(base.load_s, 3)}
     notes: list[str] = []
     vector = lora = None
@@ -117,15 +130,19 @@ def make_card(req: MakeRequest, ui: Reporter) -> MakeOutcome:
             t0 = time.perf_counter()
             vector = _vector(base, req, train, held, pairs, data.system, examples, ui)
             times["vector_s"] = round(time.perf_counter() - t0, 3)
-            ui.line(f"vector: {vector.n_pairs} pairs, {req.method}; held-out loss {vector.base_loss:.3f} → "
-                    f"{vector.loss:.3f} at scale {vector.scale:g}, layers {vector.layers[0]}-{vector.layers[1]} "
-                    f"({times['vector_s']:.1f} s)")
+            ui.line(
+                f"vector: {vector.n_pairs} pairs, {req.method}; held-out loss {vector.base_loss:.3f} → "
+                f"{vector.loss:.3f} at scale {vector.scale:g}, layers {vector.layers[0]}-{vector.layers[1]} "
+                f"({times['vector_s']:.1f} s)"
+            )
         if req.lora:
             lora, vector = _lora(base, req, data, train, held, held_idx, vector, ui)
             times["lora_s"] = round(lora.seconds, 3)
         if vector is not None and vector.loss >= vector.base_loss:
-            notes.append("the vector did not lower the held-out loss at any scale tried; its [[steering]] entry has "
-                         "scale 0 (raise it to try the vector)")
+            notes.append(
+                "the vector did not lower the held-out loss at any scale tried; its [[steering]] entry has "
+                "scale 0 (raise it to try the vector)"
+            )
     times["total_s"] = round(time.perf_counter() - started, 3)
     from chat.make.record import build_record
     from chat.make.writing import write_card
@@ -146,18 +163,34 @@ def make_card(req: MakeRequest, ui: Reporter) -> MakeOutcome:
 def _check_memory(base: Any, req: MakeRequest) -> None:
     config = base.model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    need = estimate_memory(base.n_params, base.hidden_size, int(getattr(text, "intermediate_size", 0) or 0),
-                           base.n_layers, int(text.vocab_size), req.lora_settings.rank,
-                           req.lora_settings.batch_size, req.max_tokens)
+    need = estimate_memory(
+        base.n_params,
+        base.hidden_size,
+        int(getattr(text, "intermediate_size", 0) or 0),
+        base.n_layers,
+        int(text.vocab_size),
+        req.lora_settings.rank,
+        req.lora_settings.batch_size,
+        req.max_tokens,
+    )
     have = req.memory_limit if req.memory_limit is not None else available_memory()
     if need > have:
-        raise MemoryRefused(f"training needs about {need / 2**30:.2f} GiB of memory, {have / 2**30:.2f} GiB available",
-                            "lower --batch-size or --max-tokens, or close other programs")
+        raise MemoryRefused(
+            f"training needs about {need / 2**30:.2f} GiB of memory, {have / 2**30:.2f} GiB available",
+            "lower --batch-size or --max-tokens, or close other programs",
+        )
 
 
-def _vector(base: Any, req: MakeRequest, train: list[Dialogue], held: list[Dialogue],
-            pairs: list[tuple[Dialogue, Dialogue]] | None, system: str, examples: tuple[tuple[str, str], ...],
-            ui: Reporter) -> VectorResult:
+def _vector(
+    base: Any,
+    req: MakeRequest,
+    train: list[Dialogue],
+    held: list[Dialogue],
+    pairs: list[tuple[Dialogue, Dialogue]] | None,
+    system: str,
+    examples: tuple[tuple[str, str], ...],
+    ui: Reporter,
+) -> VectorResult:
     from chat.make.vector import make_vector
 
     if pairs is not None:
@@ -167,8 +200,16 @@ def _vector(base: Any, req: MakeRequest, train: list[Dialogue], held: list[Dialo
     return make_vector(base, train[: req.pairs], None, held, req.method, system, examples)
 
 
-def _lora(base: Any, req: MakeRequest, data: MakeData, train: list[Dialogue], held: list[Dialogue],
-          held_idx: list[int], vector: VectorResult | None, ui: Reporter) -> tuple[LoraResult, VectorResult | None]:
+def _lora(
+    base: Any,
+    req: MakeRequest,
+    data: MakeData,
+    train: list[Dialogue],
+    held: list[Dialogue],
+    held_idx: list[int],
+    vector: VectorResult | None,
+    ui: Reporter,
+) -> tuple[LoraResult, VectorResult | None]:
     """Train in the card's context (its system prompt first); a vector made before is re-tuned on top of the LoRA."""
     from chat.config import Paths
     from chat.make.encode import encode
@@ -179,26 +220,43 @@ def _lora(base: Any, req: MakeRequest, data: MakeData, train: list[Dialogue], he
     ckpt = root / req.name
     train_enc = [encode(base, d, data.system, max_tokens=req.max_tokens) for d in train]
     held_enc = [encode(base, d, data.system, max_tokens=req.max_tokens) for d in held]
-    ui.line(f"lora: rank {s.rank}, alpha {s.alpha:g}, lr {s.lr:g}, {s.epochs} epochs of "
-            f"{-(-len(train_enc) // s.batch_size)} batches of {s.batch_size}, seed {s.seed}"
-            + (f"; resuming from {ckpt}" if req.resume else ""))
+    ui.line(
+        f"lora: rank {s.rank}, alpha {s.alpha:g}, lr {s.lr:g}, {s.epochs} epochs of "
+        f"{-(-len(train_enc) // s.batch_size)} batches of {s.batch_size}, seed {s.seed}"
+        + (f"; resuming from {ckpt}" if req.resume else "")
+    )
     total = -(-len(train_enc) // s.batch_size) * s.epochs
     retuned: list[VectorResult] = []
 
     def retune(model: Any) -> None:
         if vector is not None:
-            retuned.append(_retune(base, model, vector, held_enc))
+            from chat.make.vector import SWEEP_DIALOGUES
+
+            retuned.append(_retune(base, model, vector, held_enc[:SWEEP_DIALOGUES]))
 
     with ui.training(total):
-        result = train_lora(base, train_enc, held_enc, s, ckpt, fingerprint(base.sha256, data, req, held_idx),
-                            req.resume, ui.progress, retune)
-    ui.line(f"lora: {result.steps} steps, held-out loss {result.base_held_loss:.3f} → {result.best_held_loss:.3f} "
-            f"(best at step {result.best_step}){'; stopped early' if result.stopped_early else ''}; "
-            f"{result.tokens_per_s:.0f} tokens/s")
+        result = train_lora(
+            base,
+            train_enc,
+            held_enc,
+            s,
+            ckpt,
+            fingerprint(base.sha256, data, req, held_idx),
+            req.resume,
+            ui.progress,
+            retune,
+        )
+    ui.line(
+        f"lora: {result.steps} steps, held-out loss {result.base_held_loss:.3f} → {result.best_held_loss:.3f} "
+        f"(best at step {result.best_step}){'; stopped early' if result.stopped_early else ''}; "
+        f"{result.tokens_per_s:.0f} tokens/s"
+    )
     if retuned:
         vector = retuned[0]
-        ui.line(f"vector on top of the LoRA: scale {vector.scale:g}, layers {vector.layers[0]}-{vector.layers[1]} "
-                f"(held-out loss {vector.base_loss:.3f} → {vector.loss:.3f})")
+        ui.line(
+            f"vector on top of the LoRA: scale {vector.scale:g}, layers {vector.layers[0]}-{vector.layers[1]} "
+            f"(held-out loss {vector.base_loss:.3f} → {vector.loss:.3f})"
+        )
     return result, vector
 
 
@@ -206,8 +264,6 @@ def _retune(base: Any, model: Any, vector: VectorResult, held: list[Any]) -> Vec
     """The vector's scale and layers again, with the LoRA attached (0 when the vector no longer helps)."""
     from chat.make.vector import SWEEP_SCALES, sweep
 
-    without, points = sweep(model, base.n_layers, base.tokenizer.pad_token_id, vector.directions, held,
-                            SWEEP_SCALES)
+    without, points = sweep(model, base.n_layers, base.tokenizer.pad_token_id, vector.directions, held, SWEEP_SCALES)
     best = min(points, key=lambda p: (p.loss, p.scale))
-    return replace(vector, scale=best.scale, layers=best.layers, base_loss=without, loss=best.loss,
-                   sweep=tuple(points))
+    return replace(vector, scale=best.scale, layers=best.layers, base_loss=without, loss=best.loss, sweep=tuple(points))

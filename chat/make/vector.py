@@ -26,7 +26,8 @@ from chat.make.encode import Encoded, encode, messages_for, token_nll
 
 METHODS = ("mean", "pca")
 SWEEP_SCALES = (0.0, 0.25, 0.5, 1.0, 2.0)  # 0: the vector may not help at all, and the card says so
-NEUTRAL_TOKENS = 32  # length of the base's own answers used as the neutral side
+NEUTRAL_TOKENS = 24  # length of the base's own answers used as the neutral side
+SWEEP_DIALOGUES = 8  # held-out dialogues each sweep point is scored on (the sweep runs 20 of them)
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ class VectorResult:
 
 
 @contextlib.contextmanager
-def steered(model: Any, directions: dict[int, np.ndarray], scale: float,
-            layers: tuple[int, int] | None = None) -> Iterator[None]:
+def steered(
+    model: Any, directions: dict[int, np.ndarray], scale: float, layers: tuple[int, int] | None = None
+) -> Iterator[None]:
     """``scale``·direction.N added to decoder layer N's output (N in the inclusive ``layers``) while inside."""
     import torch
 
@@ -77,8 +79,9 @@ def steered(model: Any, directions: dict[int, np.ndarray], scale: float,
             h.remove()
 
 
-def neutral_answers(base: Any, dialogues: Sequence[Dialogue], max_new: int = NEUTRAL_TOKENS,
-                    batch_size: int = 16) -> list[Dialogue]:
+def neutral_answers(
+    base: Any, dialogues: Sequence[Dialogue], max_new: int = NEUTRAL_TOKENS, batch_size: int = 16
+) -> list[Dialogue]:
     """The base model's own greedy answers to each dialogue's first prompt (the neutral side of a pair)."""
     import torch
 
@@ -86,12 +89,14 @@ def neutral_answers(base: Any, dialogues: Sequence[Dialogue], max_new: int = NEU
     out: list[Dialogue] = []
     prompts = [d.first_prompt for d in dialogues]
     eos = {i for i in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if isinstance(i, int)}
-    stop_ids = sorted(eos | {ids[0] for s in base.template.stops
-                             if len(ids := tok(s, add_special_tokens=False)["input_ids"]) == 1})
+    stop_ids = sorted(
+        eos | {ids[0] for s in base.template.stops if len(ids := tok(s, add_special_tokens=False)["input_ids"]) == 1}
+    )
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        texts = [base.template.render(messages_for(Dialogue((Turn("user", p),))), add_generation_prompt=True)
-                 for p in chunk]
+        texts = [
+            base.template.render(messages_for(Dialogue((Turn("user", p),))), add_generation_prompt=True) for p in chunk
+        ]
         rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
@@ -100,8 +105,14 @@ def neutral_answers(base: Any, dialogues: Sequence[Dialogue], max_new: int = NEU
             ids[i, width - len(r) :] = torch.tensor(r)
             attn[i, width - len(r) :] = 1
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new, do_sample=False,
-                                 eos_token_id=stop_ids or None, pad_token_id=tok.pad_token_id)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=stop_ids or None,
+                pad_token_id=tok.pad_token_id,
+            )
         for prompt, row in zip(chunk, gen[:, width:].tolist(), strict=True):
             cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
             text = tok.decode(row[:cut], skip_special_tokens=True).strip() or "OK."
@@ -109,11 +120,12 @@ def neutral_answers(base: Any, dialogues: Sequence[Dialogue], max_new: int = NEU
     return out
 
 
-def layer_means(base: Any, items: Sequence[Encoded]) -> np.ndarray:
+def layer_means(base: Any, items: Sequence[Encoded], batch_size: int = 8) -> np.ndarray:
     """[n_items, n_layers, hidden]: each decoder layer's output averaged over each item's persona tokens."""
     import torch
 
     from chat.make.base import decoder_layers
+    from chat.make.encode import batch
 
     blocks = decoder_layers(base.model)
     out = np.zeros((len(items), len(blocks), base.hidden_size), dtype=np.float32)
@@ -128,13 +140,18 @@ def layer_means(base: Any, items: Sequence[Encoded]) -> np.ndarray:
     handles = [b.register_forward_hook(hook_for(il)) for il, b in enumerate(blocks)]
     try:
         with torch.no_grad():
-            for n, item in enumerate(items):
-                base.model(input_ids=torch.tensor([item.ids]))
-                mask = torch.tensor(item.mask)
-                if not bool(mask.any()):
-                    mask = torch.ones_like(mask)
+            for start in range(0, len(items), batch_size):
+                chunk = [
+                    e if any(e.mask) else Encoded(e.ids, (True,) * len(e.ids))
+                    for e in items[start : start + batch_size]
+                ]
+                ids, attn, labels = batch(chunk, base.tokenizer.pad_token_id)
+                base.model(input_ids=ids, attention_mask=attn)
+                weights = (labels != -100).float()
+                weights = weights / weights.sum(1, keepdim=True)
                 for il in range(len(blocks)):
-                    out[n, il] = captured[il][0][mask].float().mean(0).numpy()
+                    means = torch.einsum("bt,bth->bh", weights, captured[il].float())
+                    out[start : start + len(chunk), il] = means.numpy()
     finally:
         for h in handles:
             h.remove()
@@ -160,6 +177,23 @@ def reduce_differences(pos: np.ndarray, neg: np.ndarray, method: str) -> dict[in
     return out
 
 
+def orient(base: Any, directions: dict[int, np.ndarray], persona: Sequence[Encoded]) -> dict[int, np.ndarray]:
+    """Flip the whole vector when its negative makes the persona's own tokens likelier than its positive.
+
+    The hidden-state sign says where the persona's states lie; what a user means by "toward the
+    persona" is its words becoming likelier, and on some models the two disagree.
+    """
+    pad = base.tokenizer.pad_token_id
+    losses = []
+    for scale in (1.0, -1.0):
+        with steered(base.model, directions, scale):
+            total, count = token_nll(base.model, persona, pad)
+        losses.append(total / max(count, 1))
+    if losses[1] < losses[0]:
+        return {il: -d for il, d in directions.items()}
+    return directions
+
+
 def layer_ranges(n_layers: int) -> list[tuple[int, int]]:
     """Candidate inclusive ranges: all steerable layers, each half, and the middle."""
     last = n_layers - 1
@@ -171,8 +205,14 @@ def layer_ranges(n_layers: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(r for r in ranges if r[0] <= r[1]))
 
 
-def sweep(model: Any, n_layers: int, pad: int, directions: dict[int, np.ndarray], held: Sequence[Encoded],
-          scales: Sequence[float] = SWEEP_SCALES) -> tuple[float, list[SweepPoint]]:
+def sweep(
+    model: Any,
+    n_layers: int,
+    pad: int,
+    directions: dict[int, np.ndarray],
+    held: Sequence[Encoded],
+    scales: Sequence[float] = SWEEP_SCALES,
+) -> tuple[float, list[SweepPoint]]:
     """Held-out loss of the persona's tokens at each (scale, layer range); and the loss without the vector."""
     total, count = token_nll(model, held, pad)
     base_loss = total / max(count, 1)
@@ -185,9 +225,15 @@ def sweep(model: Any, n_layers: int, pad: int, directions: dict[int, np.ndarray]
     return base_loss, points
 
 
-def make_vector(base: Any, positives: Sequence[Dialogue], negatives: Sequence[Dialogue] | None,
-                held: Sequence[Dialogue], method: str = "mean", system: str = "",
-                examples: Sequence[tuple[str, str]] = ()) -> VectorResult:
+def make_vector(
+    base: Any,
+    positives: Sequence[Dialogue],
+    negatives: Sequence[Dialogue] | None,
+    held: Sequence[Dialogue],
+    method: str = "mean",
+    system: str = "",
+    examples: Sequence[tuple[str, str]] = (),
+) -> VectorResult:
     """Directions from the pairs, and the (scale, layers) that lower the held-out loss most in the card's context
     (its system prompt and examples before each held-out dialogue)."""
     if negatives is None:
@@ -195,8 +241,8 @@ def make_vector(base: Any, positives: Sequence[Dialogue], negatives: Sequence[Di
     first = [Dialogue(d.turns[:2]) if len(d.turns) >= 2 else d for d in positives]
     pos = layer_means(base, [encode(base, d) for d in first])
     neg = layer_means(base, [encode(base, d) for d in negatives])
-    directions = reduce_differences(pos, neg, method)
-    held_enc = [encode(base, d, system, examples) for d in held]
+    directions = orient(base, reduce_differences(pos, neg, method), [encode(base, d) for d in first])
+    held_enc = [encode(base, d, system, examples) for d in held[:SWEEP_DIALOGUES]]
     base_loss, points = sweep(base.model, base.n_layers, base.tokenizer.pad_token_id, directions, held_enc)
     best = min(points, key=lambda p: (p.loss, p.scale))
     return VectorResult(directions, best.scale, best.layers, base_loss, best.loss, tuple(points), len(first))

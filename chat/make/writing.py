@@ -13,8 +13,15 @@ from chat.make.lora import LoraResult, write_peft
 from chat.make.vector import VectorResult, write_vector
 
 
-def write_card(stage: Path, parts: CardParts, base: Any, vector: VectorResult | None, lora: LoraResult | None,
-               record: dict[str, Any], notes: list[str]) -> CardParts:
+def write_card(
+    stage: Path,
+    parts: CardParts,
+    base: Any,
+    vector: VectorResult | None,
+    lora: LoraResult | None,
+    record: dict[str, Any],
+    notes: list[str],
+) -> CardParts:
     """Write the parts under ``stage``; the card's parts with the paths it references."""
     name = parts.name
     if vector is not None:
