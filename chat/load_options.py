@@ -65,8 +65,10 @@ def build_options(cls: type[BackendFactory], layers: Sequence[OptionLayer]) -> B
         culprit = origin.get(key)
         where = culprit.name(key) if culprit else f"the {cls.name} backend's options"
         msg = shorten(err["msg"].removeprefix("Value error, "), 160)
-        raise (layer.error if layer else UsageError)(
-            f"{where} {quote(err.get('input'))}: {msg}", "`chat plugins` lists each backend's options"
+        secret = "key" in key.lower() or "secret" in key.lower() or "token" in key.lower()
+        shown = "" if secret else f" {quote(err.get('input'))}"  # a pasted key is never echoed
+        raise (culprit.error if culprit else UsageError)(
+            f"{where}{shown}: {msg}", "`chat plugins` lists each backend's options"
         ) from None
 
 

@@ -211,3 +211,34 @@ def test_personas_show_gives_the_backends_verdict(cli, tmp_path, tiny_gguf, tiny
     assert "PEFT LoRA: rank 4, alpha 8, 14 modules" in out
     assert "fit: yes (tiny-f32.gguf)" in out
     assert "fit: NO" in out and "has shape [4, 96] but model.layers.0.mlp.down_proj" in out
+
+
+def _raw_gguf(kv: bytes, n_kv: int = 1) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, n_kv) + kv
+
+
+def _key(name: str) -> bytes:
+    import struct
+
+    raw = name.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def test_hostile_headers_are_one_clear_refusal(tmp_path):
+    """Nested arrays thousands deep (Python's stack) and a NaN block count (int(nan)) are refused, not crashes."""
+    import struct
+
+    from chat.errors import ChatError
+    from chat.parts.gguf import read_header
+
+    nested = _key("x") + struct.pack("<I", 9) + (struct.pack("<IQ", 9, 1) * 5000) + struct.pack("<IQ", 4, 0)
+    (tmp_path / "nested.gguf").write_bytes(_raw_gguf(nested))
+    with pytest.raises(ChatError, match="nested"):
+        read_header(tmp_path / "nested.gguf")
+    arch = _key("general.architecture") + struct.pack("<I", 8) + _key("llama")
+    nan = _key("llama.block_count") + struct.pack("<If", 6, float("nan"))
+    (tmp_path / "nan.gguf").write_bytes(_raw_gguf(arch + nan, 2) + bytes(256))
+    header = read_header(tmp_path / "nan.gguf")
+    assert header.arch_int("block_count") is None

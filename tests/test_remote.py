@@ -218,6 +218,11 @@ def test_api_key_only_from_the_environment_never_saved(cli, chat_home, monkeypat
         config_entry(chat_home, f"http://user:pw@{fake.url.removeprefix('http://')}")
         r = cli("-m", "eng", "hi")
         assert r.exit_code != 0 and "holds credentials" in r.output
+        r = cli("-m", f"{fake.url}/v1?key=QSECRET", "hi")
+        assert r.exit_code != 0 and "query string" in r.output and "QSECRET" not in r.output
+        config_entry(chat_home, fake.url, engine="openai", api_key_env="sk-proj-PASTEDSECRET123")
+        r = cli("-m", "eng", "hi")
+        assert r.exit_code != 0 and "PASTEDSECRET" not in r.output
     finally:
         fake.close()
 

@@ -115,7 +115,9 @@ class Header:
 
     def arch_int(self, key: str) -> int | None:
         value = self.metadata.get(f"{self.architecture}.{key}")
-        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        return int(value)
 
 
 _U64 = struct.Struct("<Q")
@@ -166,9 +168,8 @@ class _Reader:
             if pos > size:
                 raise TruncatedHeader
             self.pos = pos
-        elif etype == _ARRAY:
-            for _ in range(count):
-                self.skip_array()
+        elif etype == _ARRAY:  # llama.cpp reads no nested arrays; a deep nest would exhaust Python's stack
+            raise ValueError("nested metadata arrays are not supported")
         else:
             raise ValueError(f"unknown metadata array type {etype}")
         return count
@@ -201,7 +202,7 @@ def read_header(path: str | os.PathLike[str], what: str = "file", error: type[Ch
             header = parse_header(p, buf, size)
         except TruncatedHeader:
             raise error(f"{p}: truncated: the file ends inside its header ({size} bytes)", _AGAIN) from None
-        except (ValueError, UnicodeDecodeError, struct.error, OverflowError) as exc:
+        except (ValueError, UnicodeDecodeError, struct.error, OverflowError, RecursionError) as exc:
             raise error(f"{p}: corrupt GGUF header ({exc})", _AGAIN) from None
     end = header.data_end
     if end > size:

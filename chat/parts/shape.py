@@ -9,6 +9,7 @@ then give the same verdict and the same message on every path.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,9 @@ class BaseShape:
 
 
 def _int(value: Any) -> int:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 0
+    return int(value)
 
 
 def read_base(base: "str | os.PathLike[str] | dict[str, Any] | BaseShape") -> BaseShape:

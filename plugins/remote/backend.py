@@ -187,11 +187,23 @@ class RemoteBackend:
                     if choice.finish_reason == "length":
                         reason = "length"
                     text = choice.delta.content if choice.delta else None
+                    if text and not isinstance(text, str):
+                        raise RemoteError(
+                            f"{self.engine.title} at {self.location.shown}: the answer holds a "
+                            f"{type(text).__name__} where text belongs",
+                            "the server does not speak the OpenAI streaming format",
+                        )
                     if text:
                         last = time.perf_counter()
                         first = first or last
                         chunks += 1
                         yield text
+        except ValueError as exc:  # a chunk that is not JSON
+            raise RemoteError(
+                f"{self.engine.title} at {self.location.shown}: the server sent a malformed answer "
+                f"({type(exc).__name__})",
+                "the server does not speak the OpenAI streaming format",
+            ) from None
         except openai.APIError as exc:
             error = one_line(exc, self.location, self.engine.title, self.options.read_timeout)
             raise RemoteError(

@@ -56,6 +56,11 @@ def parse_location(url: str) -> Location:
             f"{parts.scheme}://…@{parts.hostname}: the URL holds credentials, which would be saved in history",
             "put the key in an environment variable and name it with api_key_env in the [models] entry",
         )
+    if parts.query:
+        raise UsageError(
+            f"{parts.scheme}://{parts.netloc}{parts.path}?…: the URL has a query string (history would keep it)",
+            "a token belongs in an environment variable named by api_key_env in the [models] entry",
+        )
     path = parts.path.rstrip("/") or "/v1"
     root_path = path.removesuffix("/v1")
     base = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
@@ -87,7 +92,8 @@ def one_line(exc: BaseException, location: Location, engine: str, read_timeout: 
     where = f"{engine} at {location.shown}"
     if isinstance(exc, openai.APITimeoutError):
         return RemoteError(
-            f"{where}: no answer within {read_timeout:g} s", "the server may be busy; raise read_timeout in the entry"
+            f"{where}: no answer within {read_timeout:g} s (on each try)",
+            "the server may be busy; raise read_timeout (or lower retries) in the entry",
         )
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc.__context__

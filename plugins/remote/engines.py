@@ -196,6 +196,8 @@ def sampler_fields(engine: EngineSpec, settings: SamplerSettings) -> Request:
             unsupported += [f"{stage} (a plugin stage)" for stage in settings.stage_params]
             continue
         wire = engine.fields.get(name)
+        if name == "order":  # a plugin stage in the order runs only in chat's own samplers
+            unsupported += [f"{st} (a plugin stage)" for st in settings.order if st not in BUILTIN_STAGES]
         if wire is None:
             if matters(settings, name):
                 unsupported.append(name)

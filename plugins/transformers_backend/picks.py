@@ -75,6 +75,8 @@ class MirostatLogitsProcessor(StageProcessor):
         size = int(torch.isfinite(x).sum())
         num = den = 0.0
         for i in range(min(self.m - 1, size - 1)):
+            if float(sp[i + 1]) <= 0.0:  # underflowed to 0 (a logit ~104 below the top): nothing more to fit
+                break
             t_i = math.log((i + 2) / (i + 1))
             b_i = math.log(float(sp[i]) / float(sp[i + 1]))
             num += t_i * b_i
