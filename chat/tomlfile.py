@@ -40,7 +40,7 @@ QUOTE_CHARS = 80  # how much of a user's value an error message repeats
 def read_toml(path: Path, error_cls: type[ChatError], hint: str) -> dict[str, Any]:
     """Parse ``path`` as TOML; any problem is one ``error_cls`` naming the file (``hint``: how to fix the syntax)."""
     user_path(str(path), error_cls, "file")
-    text = _decode(path, _read_bytes(path, error_cls), error_cls)
+    text = _decode(path, read_regular(path, error_cls), error_cls)
     if text.count(".") >= MAX_KEY_PARTS and _LONG_DOTTED_KEY.search(text):
         raise error_cls(f"{path}: invalid TOML: a dotted key has more than {MAX_KEY_PARTS} parts", hint)
     try:
@@ -56,8 +56,13 @@ def read_toml(path: Path, error_cls: type[ChatError], hint: str) -> dict[str, An
     return data
 
 
-def _read_bytes(path: Path, error_cls: type[ChatError]) -> bytes:
-    """The file's bytes: only a regular file (opened without blocking, so a FIFO cannot hang us), within the limit."""
+def read_regular(
+    path: Path,
+    error_cls: type[ChatError],
+    limit: int = MAX_TOML_BYTES,
+    kind_hint: str = "point it at a text file, not a folder, pipe or device",
+) -> bytes:
+    """A file's bytes: only a regular file (opened without blocking, so a FIFO cannot hang us), within ``limit``."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as exc:
@@ -65,17 +70,17 @@ def _read_bytes(path: Path, error_cls: type[ChatError]) -> bytes:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise error_cls(f"{path}: not a regular file", "point it at a text file, not a folder, pipe or device")
-        if info.st_size > MAX_TOML_BYTES:
-            raise error_cls(f"{path}: too large ({info.st_size:,} bytes)", f"keep it under {MAX_TOML_BYTES >> 20} MiB")
+            raise error_cls(f"{path}: not a regular file", kind_hint)
+        if info.st_size > limit:
+            raise error_cls(f"{path}: too large ({info.st_size:,} bytes)", f"keep it under {limit >> 20} MiB")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_TOML_BYTES + 1)
+            data = f.read(limit + 1)
     except OSError as exc:
         raise error_cls(f"{path}: cannot read: {exc.strerror or exc}", "check the file and its permissions") from None
     finally:
         os.close(fd)
-    if len(data) > MAX_TOML_BYTES:  # it grew while we read it
-        raise error_cls(f"{path}: too large", f"keep it under {MAX_TOML_BYTES >> 20} MiB")
+    if len(data) > limit:  # it grew while we read it
+        raise error_cls(f"{path}: too large", f"keep it under {limit >> 20} MiB")
     return data
 
 

@@ -133,16 +133,7 @@ def peft_to_gguf(peft_dir: str | os.PathLike[str], base: BaseLike, out: str | os
     w.add_float32("adapter.lora.alpha", float(alpha))
     for name, arr in tensors:
         w.add_tensor(name, arr)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(part, out_path)
-    except BaseException:
-        w.close()
-        part.unlink(missing_ok=True)
-        raise
+    finish_gguf(w, part, out_path)
     return ConvertedAdapter(out_path, base_model.architecture, alpha, info.ranks, len(info.pairs))
 
 
@@ -248,3 +239,17 @@ __all__ = [
     "read_base",
     "read_gguf_adapter",
 ]
+
+
+def finish_gguf(writer: Any, part: Path, out_path: Path) -> None:
+    """Write ``writer``'s GGUF to ``part``, then move it to ``out_path``: never a half-written file there."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(part, out_path)
+    except BaseException:
+        writer.close()
+        part.unlink(missing_ok=True)
+        raise

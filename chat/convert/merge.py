@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chat.convert.adapter import finish_gguf
 from chat.errors import AdapterError
 from chat.persona import Persona
 
@@ -68,14 +69,5 @@ def merge_adapters(persona: Persona, out: str | os.PathLike[str]) -> MergedAdapt
         b = np.pad(b, ((0, 0), (0, pad)))
         w.add_tensor(name + ".lora_a", np.ascontiguousarray(a, dtype=np.float32))
         w.add_tensor(name + ".lora_b", np.ascontiguousarray(b, dtype=np.float32))
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    finish_gguf(w, tmp, out_path)
     return MergedAdapter(out_path, rank, len(pairs), len(persona.adapters))

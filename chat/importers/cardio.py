@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from chat.card import CARD_FILE, NAME_RULE, card_data, is_valid_name, validated_
 from chat.errors import ConfigError, PersonaError, UsageError
 from chat.importers import MAX_INPUT_BYTES, CardFileError, ccjson, charx, mapping, modelfile, png
 from chat.importers.tomlwriter import dumps
-from chat.tomlfile import quote
+from chat.tomlfile import quote, read_regular
 
 SOURCE_FILE = "imported.json"
 AVATAR = "avatar.png"
@@ -44,25 +43,7 @@ class Imported:
 
 def read_bytes(path: Path, limit: int = MAX_INPUT_BYTES) -> bytes:
     """A regular file's bytes, at most ``limit`` (a FIFO or device is refused without blocking)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise CardFileError(f"{path}: cannot open: {exc.strerror or exc}", "check the path") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CardFileError(f"{path}: not a regular file", "import a PNG, JSON, CHARX or Modelfile")
-        if info.st_size > limit:
-            raise CardFileError(f"{path}: {info.st_size:,} bytes", f"at most {limit >> 20} MiB")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise CardFileError(f"{path}: cannot read: {exc.strerror or exc}", "check the file") from None
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise CardFileError(f"{path}: larger than {limit >> 20} MiB", "this file is too large")
-    return data
+    return read_regular(path, CardFileError, limit, "import a PNG, JSON, CHARX or Modelfile")
 
 
 def parse_card_file(raw: bytes, where: Path, name: str | None = None) -> Imported:
