@@ -33,6 +33,7 @@ class Usage:
     prompt_tokens: int = 0  # tokens in the whole prompt
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens reused from the KV cache (not evaluated again)
+    virtual_tokens: int = 0  # a soft prompt's virtual tokens before the prompt (not in prompt_tokens)
 
 
 @dataclass(frozen=True)

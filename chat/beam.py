@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from chat.backend import Finish, FinishReason, Usage
-from chat.generation import prefill, timings
+from chat.backend import Finish, FinishReason
+from chat.generation import count_virtual, prefill, timings, usage_of
 from chat.stops import StopHolder
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def beam_search(
 ) -> Iterator[str | Finish]:
     """Yield the best beam's text (once, when final), then one Finish."""
     if cancelled():
-        yield Finish("interrupted", Usage(prompt_tokens=len(prompt)))
+        yield Finish("interrupted", usage_of(prompt, 0, 0))
         return
     n_beams = int(sampling.beams)
     last, reused, prompt_done = prefill(slot, prompt)
@@ -80,7 +80,7 @@ def beam_search(
     last.completion_tokens = len(best)
     stats.completion_tokens += len(best)
     text = StopHolder(stops)
-    decoder = slot.decoder(prompt)
+    decoder = slot.decoder(prompt[count_virtual(prompt) :])
     chunks = [text.feed(decoder.feed(t)) for t in best]
     answer = "".join(chunks) + text.feed(decoder.finish()) + text.finish()
     first_chunk = time.perf_counter() if answer else 0.0
@@ -89,7 +89,7 @@ def beam_search(
     last.finish = reason
     yield Finish(
         reason,
-        Usage(len(prompt), len(best), reused),
+        usage_of(prompt, len(best), reused),
         timings(started, prompt_done, first_chunk, best, first_token, last_token),
     )
 

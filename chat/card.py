@@ -12,7 +12,7 @@ import difflib
 import functools
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -100,6 +100,12 @@ class AdapterEntry(_Strict):
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
+class SoftPromptEntry(_Strict):
+    """``[[soft_prompt]]``: a PEFT prompt-tuning folder or a soft prompt GGUF (no scale: its rows are unscaled)."""
+
+    path: str
+
+
 class SteeringEntry(AdapterEntry):
     layers: tuple[int, int] | None = None
 
@@ -128,6 +134,7 @@ class Card(_Strict):
     knowledge: list[KnowledgeEntry] = Field(default_factory=list)
     adapters: list[AdapterEntry] = Field(default_factory=list)
     steering: list[SteeringEntry] = Field(default_factory=list)
+    soft_prompt: list[SoftPromptEntry] = Field(default_factory=list)
     template: str = ""
     author: str = ""
     version: str = ""
@@ -178,8 +185,13 @@ def validated_card(folder: Path, file: Path, data: dict[str, Any], source: str) 
     except ValidationError as exc:
         raise _card_error(file, exc) from None
     _check_card_sampling(file, card)
-    for kind, entries in (("adapters", card.adapters), ("steering", card.steering)):
-        for i, entry in enumerate(entries):
+    entries: list[tuple[str, Sequence[AdapterEntry | SoftPromptEntry]]] = [
+        ("adapters", card.adapters),
+        ("steering", card.steering),
+        ("soft_prompt", card.soft_prompt),
+    ]
+    for kind, parts in entries:
+        for i, entry in enumerate(parts):
             part_path(file, folder, kind, i, entry.path)
     for i, knowledge in enumerate(card.knowledge):
         if knowledge.path:
@@ -258,7 +270,7 @@ def every_problem(folder: Path, file: Path, data: dict[str, Any]) -> list[Person
         problems += [_card_error_entry(file, err) for err in exc.errors()]
         card = Card.model_construct(**{k: v for k, v in data.items() if k in Card.model_fields})
     checks: list[Callable[[], object]] = [lambda: _check_card_sampling(file, card)]
-    for kind in ("adapters", "steering"):
+    for kind in ("adapters", "steering", "soft_prompt"):
         entries = getattr(card, kind, None)
         for i, entry in enumerate(entries if isinstance(entries, list) else []):
             raw = entry.path if hasattr(entry, "path") else entry.get("path") if isinstance(entry, dict) else None

@@ -65,6 +65,31 @@ class SlotStats:
         self.prompt_tokens_evaluated += prompt_len - reused
 
 
+def virtual_ids(n: int) -> tuple[int, ...]:
+    """The ids a prompt lists for ``n`` soft-prompt virtual tokens: ``(-1, -2, …, -n)``.
+
+    A slot evaluates virtual id ``-(i + 1)`` as row ``i`` of its active soft prompt
+    (:mod:`chat.parts.softprompt`); the KV bookkeeping compares them like any token.
+    """
+    return tuple(-(i + 1) for i in range(n))
+
+
+def count_virtual(prompt: Sequence[int]) -> int:
+    """Virtual tokens at the start of ``prompt`` (they are only ever at the start)."""
+    n = 0
+    for tok in prompt:
+        if tok >= 0:
+            break
+        n += 1
+    return n
+
+
+def usage_of(prompt: Sequence[int], completion: int, reused: int) -> Usage:
+    """The Finish's usage: virtual tokens counted apart from the prompt's real ones."""
+    n_virtual = count_virtual(prompt)
+    return Usage(len(prompt) - n_virtual, completion, max(reused - n_virtual, 0), n_virtual)
+
+
 def prefill(slot: "Slot", prompt: list[int]) -> tuple[StreamStats, int, float]:
     """Start a generation's record and evaluate the prompt: (the record, tokens reused, when it was done)."""
     last = StreamStats(prompt_tokens=len(prompt), finish="closed")
@@ -93,13 +118,14 @@ def generate(
     tokens evaluated so far.
     """
     if cancelled():
-        yield Finish("interrupted", Usage(prompt_tokens=len(prompt)))
+        yield Finish("interrupted", usage_of(prompt, 0, 0))
         return
     last, reused, prompt_done = prefill(slot, prompt)
     stats = slot.stats
-    slot.start_sampling(prompt)
+    real = prompt[count_virtual(prompt) :]  # samplers and decoders see the real tokens only
+    slot.start_sampling(real)
     text = StopHolder(stops)
-    decoder = slot.decoder(prompt)
+    decoder = slot.decoder(real)
     out: list[int] = []
     reason: FinishReason = "stop"
     first_chunk = first_token = last_token = 0.0
@@ -138,7 +164,7 @@ def generate(
     last.finish = reason
     yield Finish(
         reason,
-        Usage(len(prompt), len(out), reused),
+        usage_of(prompt, len(out), reused),
         timings(started, prompt_done, first_chunk, out, first_token, last_token),
     )
 
@@ -168,6 +194,7 @@ class LocalSlot(ABC):
     stats: SlotStats
     where: str  # the model, for messages
     closed: bool = False
+    soft_ids: tuple[int, ...] = ()  # virtual_ids() of the active soft prompt, put before every prompt
     _generation: int = 0
 
     def stream(
@@ -196,14 +223,20 @@ class LocalSlot(ABC):
         started: float | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> Iterator[str | Finish]:
-        """Like :meth:`stream` for a prompt already tokenized (raw completions: no chat template)."""
+        """Like :meth:`stream` for a prompt already tokenized (raw completions: no chat template).
+
+        The active soft prompt's virtual tokens go first (before BOS), as PEFT's prompt tuning puts them.
+        """
         self.check_open()
         started = time.perf_counter() if started is None else started
         if not prompt:
             raise ContextOverflowError("the prompt is empty", "send some text")
+        if self.soft_ids:
+            prompt = [*self.soft_ids, *prompt]
         if len(prompt) >= self.context_size:
+            virtual = f" ({len(self.soft_ids)} of them a soft prompt's)" if self.soft_ids else ""
             raise ContextOverflowError(
-                f"the prompt needs {len(prompt)} tokens but the context holds {self.context_size}",
+                f"the prompt needs {len(prompt)} tokens{virtual} but the context holds {self.context_size}",
                 "start a new conversation, shorten the message, or load the model with a larger --ctx",
             )
         beams = getattr(sampling, "beams", 1)
@@ -228,7 +261,7 @@ class LocalSlot(ABC):
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         self.check_open()
-        return len(self.prompt_tokens(messages))
+        return len(self.soft_ids) + len(self.prompt_tokens(messages))
 
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt text for ``messages``, ending with the assistant's generation prompt."""

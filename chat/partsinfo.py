@@ -93,7 +93,7 @@ def _vector_lines(path: Path, base, base_note: str | None) -> list[str]:
 
 
 def describe_parts(persona: Persona, base=None, base_note: str | None = None, details: bool = False) -> list[str]:
-    """Lines describing the persona's adapters and vectors.
+    """Lines describing the persona's adapters, vectors and soft prompts.
 
     ``base`` (a :class:`chat.parts.shape.BaseShape`) adds whether each part fits it;
     ``details`` reads each part's header (rank, targets, layers) — without it only
@@ -115,4 +115,26 @@ def describe_parts(persona: Persona, base=None, base_note: str | None = None, de
             lines.append(f"  {s.name}  scale {s.scale:g}  {layers}{card}  {_size(s.path)}  {s.path}")
             if details or base is not None:
                 lines += _vector_lines(Path(s.path), base, base_note)
+    if persona.soft_prompts:
+        lines.append(f"soft prompts: {len(persona.soft_prompts)}")
+        for sp in persona.soft_prompts:
+            card = f"  card {sp.card}" if sp.card else ""
+            lines.append(f"  {sp.name}{card}  {_size(sp.path)}  {sp.path}")
+            if details or base is not None:
+                lines += _soft_prompt_lines(Path(sp.path), base, base_note)
     return lines
+
+
+def _soft_prompt_lines(path: Path, base, base_note: str | None) -> list[str]:
+    from chat.parts.softprompt import check_soft_prompt, read_soft_prompt
+
+    try:
+        info = read_soft_prompt(path)
+    except AdapterError as exc:
+        return [f"    unusable: {exc.message.removeprefix(str(path) + ': ')}"]
+    made = f", made for {info.architecture}" if info.architecture else ""
+    return [
+        f"    soft prompt ({'PEFT' if info.format == 'peft' else 'GGUF'}): "
+        f"{info.n_virtual} virtual tokens, width {info.n_embd}{made}",
+        "    " + _fit(check_soft_prompt, info, base, base_note),
+    ]

@@ -66,6 +66,18 @@ class SteeringPart:
 
 
 @dataclass(frozen=True)
+class SoftPromptPart:
+    """A soft prompt (PEFT prompt-tuning folder or soft prompt GGUF): virtual tokens put before the prompt."""
+
+    path: Path
+    card: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.path.suffix == ".gguf" else self.path.name
+
+
+@dataclass(frozen=True)
 class Persona:
     """A resolved persona: plain, immutable, what every backend receives."""
 
@@ -78,6 +90,7 @@ class Persona:
     sampling: dict[str, Any] = field(default_factory=dict)
     adapters: tuple[AdapterPart, ...] = ()
     steering: tuple[SteeringPart, ...] = ()
+    soft_prompts: tuple[SoftPromptPart, ...] = ()  # in order: their virtual tokens are concatenated
     source: str = ""  # where the card came from: "built-in", "user", "plugin:NAME", a path
     path: Path | None = None  # the card folder, when there is one
     mix: tuple[tuple[str, float], ...] = ()  # (card name, weight) for a mixed persona
@@ -120,6 +133,7 @@ class Persona:
         return (
             tuple(sorted((str(a.path), round(a.scale, 6)) for a in self.adapters)),
             tuple(sorted((str(s.path), round(s.scale, 6), s.layers or (0, 0)) for s in self.steering)),
+            tuple(str(s.path) for s in self.soft_prompts),  # order matters: rows are concatenated
         )
 
 
@@ -234,6 +248,10 @@ def _own_parts(loaded: LoadedCard) -> Persona:
             SteeringPart(part_path(loaded.file, loaded.folder, "steering", i, s.path), s.scale, s.layers, card.name)
             for i, s in enumerate(card.steering)
         ),
+        soft_prompts=tuple(
+            SoftPromptPart(part_path(loaded.file, loaded.folder, "soft_prompt", i, s.path), card.name)
+            for i, s in enumerate(card.soft_prompt)
+        ),
         source=loaded.source,
         path=loaded.folder,
         template=card_template(loaded.file, loaded.folder, card.template),
@@ -308,6 +326,7 @@ def _inherit(parent: Persona, child: Persona) -> Persona:
         sampling={**parent.sampling, **child.sampling},
         adapters=by_path(parent.adapters, child.adapters),
         steering=by_path(parent.steering, child.steering),
+        soft_prompts=by_path(parent.soft_prompts, child.soft_prompts),
         source=child.source or parent.source,
         path=child.path or parent.path,
         template=child.template or parent.template,
@@ -367,7 +386,9 @@ def mix_personas(parts: Sequence[tuple[Persona, float]]) -> Persona:
     only combine when their layer ranges match). Prompt parts merge in mix order: system
     prompts joined by a blank line, examples and knowledge concatenated, the first
     card's greeting and description. Sampler settings: the first card's (flags, /set and
-    presets still apply on top).
+    presets still apply on top). Soft prompts: concatenated in mix order, each file once; a
+    card's weight only decides whether its soft prompts are included (0 drops them) —
+    virtual tokens have no scale.
     """
     if len(parts) == 1 and parts[0][1] == 1.0:
         return parts[0][0]
@@ -384,6 +405,10 @@ def mix_personas(parts: Sequence[tuple[Persona, float]]) -> Persona:
             prev_s = steering.get(key)
             scale = s.scale * w + (prev_s.scale if prev_s else 0.0)
             steering[key] = SteeringPart(s.path, scale, s.layers, s.card)
+    soft: dict[str, SoftPromptPart] = {}
+    for persona, w in parts:
+        for sp in persona.soft_prompts if w != 0.0 else ():
+            soft.setdefault(str(sp.path), sp)
     first = parts[0][0]
     mix = tuple((p.name, w) for p, w in parts)
     return Persona(
@@ -396,6 +421,7 @@ def mix_personas(parts: Sequence[tuple[Persona, float]]) -> Persona:
         sampling=dict(first.sampling),
         adapters=tuple(adapters.values()),
         steering=tuple(steering.values()),
+        soft_prompts=tuple(soft.values()),
         source=", ".join(dict.fromkeys(p.source for p, _ in parts)),
         path=first.path,
         mix=mix,
@@ -433,6 +459,7 @@ __all__ = [
     "Example",
     "LoadedCard",
     "Persona",
+    "SoftPromptPart",
     "SteeringPart",
     "card_problems",
     "extends_order",

@@ -84,5 +84,7 @@ def stats_line(finish: Any) -> str:
     u, t = finish.usage, finish.timings
     return (
         f"{u.completion_tokens} tokens · {t.tokens_per_s:.1f} tokens/s · first token {t.ttft_s:.3f} s · "
-        f"prompt {u.prompt_tokens} tokens ({u.cached_tokens} cached) · {finish.reason}"
+        f"prompt {u.prompt_tokens} tokens ({u.cached_tokens} cached)"
+        + (f" + {u.virtual_tokens} virtual" if u.virtual_tokens else "")
+        + f" · {finish.reason}"
     )

@@ -278,6 +278,9 @@ class Repl:
         for key in ("architecture", "parameters", "template", "gpu_layers", "threads"):
             if key in info:
                 self.print(f"{key + ':':<9} {info[key]}")
+        soft = info.get("soft_prompt")
+        for line in soft if isinstance(soft, list) else []:
+            self.print(line)
 
     def cmd_adapters(self, arg: str) -> None:
         from chat.partsinfo import describe_parts

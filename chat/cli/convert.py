@@ -10,7 +10,7 @@ import typer
 from chat.cli.common import echo, guard
 
 convert_app = typer.Typer(
-    help="Convert Hugging Face models and LoRA adapters to GGUF (and back).", no_args_is_help=True
+    help="Convert Hugging Face models, LoRA adapters and soft prompts to GGUF (and back).", no_args_is_help=True
 )
 
 
@@ -73,3 +73,28 @@ def adapter(
         else:
             path = gguf_adapter_to_peft(src, base, out)
             echo(f"wrote {path}  [PEFT LoRA folder]")
+
+
+@convert_app.command("soft-prompt")
+def soft_prompt(
+    src: Annotated[
+        Path, typer.Argument(help="A PEFT prompt-tuning folder (→ GGUF) or a soft prompt GGUF (→ PEFT folder).")
+    ],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The GGUF file (or PEFT folder) to write.")],
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", "-b", help="Check it against this base model (a GGUF file or a Hugging Face folder)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Convert a soft prompt between a PEFT prompt-tuning folder and chat's soft prompt GGUF (same numbers)."""
+    with guard():
+        from chat.parts.shape import read_base
+        from chat.parts.softprompt import convert_soft_prompt, read_soft_prompt
+
+        _refuse_overwrite(out, force)
+        shape = read_base(base) if base is not None else None
+        path = convert_soft_prompt(src, out, shape)
+        info = read_soft_prompt(path)
+        kind = "soft prompt GGUF" if info.format == "gguf" else "PEFT prompt-tuning folder"
+        echo(f"wrote {path}  [{kind}, {info.n_virtual} virtual tokens × {info.n_embd}]")

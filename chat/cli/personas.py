@@ -87,7 +87,7 @@ def show(
         from chat.partsinfo import describe_parts
 
         base, note = (None, None)
-        if persona.adapters or persona.steering:
+        if persona.adapters or persona.steering or persona.soft_prompts:
             base, note = _base_model(app, model)
         for line in describe_parts(persona, base, note, details=True):
             echo(line)
@@ -159,6 +159,9 @@ assistant = "I'm {name}."
 # path = "vectors/{name}.gguf"
 # scale = 0.5
 # layers = [1, 16]
+
+# [[soft_prompt]]               # soft prompt: PEFT prompt-tuning folder or soft prompt GGUF
+# path = "soft/{name}.gguf"
 '''
 
 

@@ -429,6 +429,7 @@ def _render_answer(renderer, session, output: Output) -> None:
                     "prompt_tokens": turn.finish.usage.prompt_tokens,
                     "completion_tokens": turn.finish.usage.completion_tokens,
                     "cached_tokens": turn.finish.usage.cached_tokens,
+                    "virtual_tokens": turn.finish.usage.virtual_tokens,
                 },
                 "timings": {
                     "ttft_s": round(turn.finish.timings.ttft_s, 6),

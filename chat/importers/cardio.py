@@ -167,8 +167,8 @@ def export_card(folder: Path, fmt: Format, system: str, render: Callable[[str], 
     doc = {**doc, "data": data}
     if any(k.get("path") for k in current.get("knowledge", []) if isinstance(k, dict)):
         notes.append("note: knowledge note folders stay with the card folder; the card file does not carry them")
-    if current.get("adapters") or current.get("steering"):
-        notes.append("note: adapters and control vectors are not part of a character card")
+    if current.get("adapters") or current.get("steering") or current.get("soft_prompt"):
+        notes.append("note: adapters, control vectors and soft prompts are not part of a character card")
     if fmt == "json":
         return ccjson.card_bytes(doc, 3), notes
     if fmt == "png":

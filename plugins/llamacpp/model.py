@@ -81,6 +81,7 @@ class LlamaModel:
         self.threads = options.threads or default_threads()
         self.states = StateCache(options.kv_cache_bytes)
         self.lock = threading.RLock()  # loaded adapters and saved states, shared by slots in several threads
+        self._soft_prompts: Any = None
         self.bos = int(L.llama_vocab_bos(self.vocab))
         self.eos = int(L.llama_vocab_eos(self.vocab))
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab)) and self.bos >= 0
@@ -97,6 +98,15 @@ class LlamaModel:
             model=where,
         )
 
+    def soft_prompts(self) -> Any:
+        """The soft prompts read for this model (:class:`chat.parts.softprompt.SoftPrompts`), shared by its slots."""
+        if self._soft_prompts is None:
+            from chat.parts.shape import BaseShape
+            from chat.parts.softprompt import SoftPrompts
+
+            self._soft_prompts = SoftPrompts(BaseShape.from_header(self.header))
+        return self._soft_prompts
+
     def new_context(self, wanted: int) -> Any:
         """A context of ``wanted`` tokens shared by :data:`SEQUENCES` sequences (one unified KV memory)."""
         L = self.L
@@ -109,8 +119,9 @@ class LlamaModel:
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads
         cparams.no_perf = True
-        if self.kv_type == "f32":
+        if self.kv_type == "f32":  # bit-stable comparisons: CPU flash attention computes in half precision
             cparams.type_k = cparams.type_v = L.GGML_TYPE_F32
+            cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         native.forget_log()
         ctx = L.llama_init_from_model(self.ptr, cparams)
         if not ctx:
@@ -170,9 +181,13 @@ class LlamaModel:
         return got
 
     def stop_ids(self, template: ChatTemplate) -> frozenset[int]:
-        """The template's end-of-turn markers that are single tokens."""
-        ids = (self.tokenize(m, special=True) for m in template.stops)
-        return frozenset(i[0] for i in ids if len(i) == 1)
+        """The template's end-of-turn markers that are single tokens (worked out once per set of markers)."""
+        known = self.__dict__.setdefault("_stop_ids", {})
+        got = known.get(template.stops)
+        if got is None:
+            ids = (self.tokenize(m, special=True) for m in template.stops)
+            got = known[template.stops] = frozenset(i[0] for i in ids if len(i) == 1)
+        return got
 
     def prompt_tokens(self, template: ChatTemplate, messages: Sequence[Message]) -> list[int]:
         """The rendered prompt as tokens, with BOS/EOS as the file asks (never a doubled BOS)."""

@@ -8,7 +8,10 @@ What a slot keeps between calls:
   removed with ``llama_memory_seq_rm``. The list grows only after ``llama_decode`` succeeds,
   so closing a stream half-way (Ctrl-C) leaves it exactly describing the memory;
 * one native sampler chain, rebuilt only when the settings change;
-* ``attached``: the identity of the parameter parts active in the context, and
+* ``soft``: the active soft prompt; its virtual tokens are the negative ids at the start of
+  every prompt (:func:`chat.generation.virtual_ids`) and are decoded as an embedding batch
+  (llama.cpp takes either token ids or embeddings in one batch, never both), before the tokens;
+* ``attached``: the identity of the parameter parts active in the context (soft prompt included), and
   ``kv_attached``, the set the memory was computed under. Memory is never reused under
   another set. When the persona or set changes, the memory it leaves is saved in the
   model's shared state cache under (parameter set, persona); coming back restores it with
@@ -26,7 +29,7 @@ import numpy as np
 
 from chat.backend import Message
 from chat.errors import ContextOverflowError, ModelError, SamplingError
-from chat.generation import LocalSlot, SlotStats, StreamStats
+from chat.generation import LocalSlot, SlotStats, StreamStats, count_virtual, virtual_ids
 from chat.template import ChatTemplate
 
 from . import native
@@ -36,13 +39,14 @@ from .statecache import SavedState
 from .textstream import PieceDecoder
 
 if TYPE_CHECKING:
+    from chat.parts.softprompt import ActiveSoftPrompt
     from chat.persona import Persona
     from chat.sampling import SamplerSettings
 
     from .parts import ParameterParts
 
 SEQ = 0  # the conversation's sequence
-NO_PARTS: tuple = ((), ())  # Persona.parameter_key of a persona without adapters or steering
+NO_PARTS: tuple = ((), (), ())  # Persona.parameter_key of a persona without adapters, steering or soft prompt
 
 
 class LlamaSlot(LocalSlot):
@@ -60,6 +64,8 @@ class LlamaSlot(LocalSlot):
         self.where = str(model.path)
         self.stages = stages
         self.batch: Any = None
+        self.embd_batch: Any = None  # for soft prompts, allocated on first use
+        self.soft: ActiveSoftPrompt | None = None
         self.sampler: NativeSampler | None = None
         wanted = model.wanted_context
         self.ctx = model.new_context(wanted)
@@ -105,12 +111,16 @@ class LlamaSlot(LocalSlot):
         loads = self.parts.loads
         try:
             with self.model.lock:  # adapters are loaded once per model, whichever slot asks first
+                # soft prompts are checked before anything changes in the context
+                soft = self.model.soft_prompts().combine(persona.soft_prompts, self.context_size, persona.label)
                 warnings = self.parts.attach(persona)
         finally:
             self.stats.adapter_loads += self.parts.loads - loads
         self.use_template(template)
         self.persona_name = persona.label
-        self.attached = self.parts.key
+        self.soft = soft if soft.n else None
+        self.soft_ids = virtual_ids(soft.n)
+        self.attached = (*self.parts.key, soft.key)
         return warnings
 
     # --- primitives the core loop drives ------------------------------------------------
@@ -303,7 +313,14 @@ class LlamaSlot(LocalSlot):
         self.kv.clear()
 
     def _eval(self, tokens: Sequence[int]) -> None:
-        """Run ``tokens`` after ``kv`` in batches, logits for the last; ``kv`` grows only on success."""
+        """Run ``tokens`` after ``kv`` in batches, logits for the last; ``kv`` grows only on success.
+
+        Virtual tokens (negative ids, only ever at the start) go first, as embedding batches.
+        """
+        n_virtual = count_virtual(tokens)
+        if n_virtual:
+            self._eval_virtual(tokens[:n_virtual], logits_last=n_virtual == len(tokens))
+            tokens = tokens[n_virtual:]
         b = self.batch
         total = len(tokens)
         for start in range(0, total, self.n_batch):
@@ -318,9 +335,33 @@ class LlamaSlot(LocalSlot):
             self._decode(len(chunk))
             self.kv.extend(chunk)
 
-    def _decode(self, n: int) -> None:
+    def _eval_virtual(self, ids: Sequence[int], logits_last: bool) -> None:
+        """Decode the soft prompt's rows for virtual ids ``ids`` at the positions after ``kv``."""
+        L, soft = self.L, self.soft
+        if soft is None:  # a memory bookkeeping error, never a user's: the ids name rows of no soft prompt
+            raise ModelError(f"{self.where}: virtual tokens without an active soft prompt", None)
+        n_embd = soft.values.shape[1]
+        if self.embd_batch is None:
+            self.embd_batch = L.llama_batch_init(self.n_batch, n_embd, 1)
+        b = self.embd_batch
+        total = len(ids)
+        for start in range(0, total, self.n_batch):
+            chunk = ids[start : start + self.n_batch]
+            rows = np.ascontiguousarray(soft.values[[-t - 1 for t in chunk]], dtype=np.float32)
+            ctypes.memmove(b.embd, rows.ctypes.data, rows.nbytes)
+            base = len(self.kv)
+            for i in range(len(chunk)):
+                b.pos[i], b.n_seq_id[i], b.logits[i] = base + i, 1, 0
+                b.seq_id[i][0] = SEQ
+            if logits_last and start + len(chunk) == total:
+                b.logits[len(chunk) - 1] = 1
+            b.n_tokens = len(chunk)
+            self._decode(len(chunk), b)
+            self.kv.extend(chunk)
+
+    def _decode(self, n: int, batch: Any = None) -> None:
         native.forget_log()
-        rc = self.L.llama_decode(self.ctx, self.batch)
+        rc = self.L.llama_decode(self.ctx, self.batch if batch is None else batch)
         self.stats.forward_passes += 1
         if rc != 0:
             self._resync_kv()
@@ -339,8 +380,9 @@ class LlamaSlot(LocalSlot):
     # --- facts and lifetime ------------------------------------------------------------
 
     def active_parts(self) -> list[str]:
-        """``/adapters``: one line per attached adapter or vector with its effective scale, card and size."""
-        return [p.line() for p in self.parts.active] if getattr(self, "parts", None) else []
+        """``/adapters``: one line per attached adapter, vector or soft prompt (scale, card, size)."""
+        lines = [p.line() for p in self.parts.active] if getattr(self, "parts", None) else []
+        return lines + (self.soft.lines() if self.soft is not None else [])
 
     def info(self) -> dict[str, object]:
         active = self.parts.active if getattr(self, "parts", None) else []
@@ -352,6 +394,7 @@ class LlamaSlot(LocalSlot):
             "sampler": list(self.sampler.stages) if self.sampler else [],
             "adapters": [p.line() for p in active if p.kind == "adapter"],
             "steering": [p.line() for p in active if p.kind == "steering"],
+            "soft_prompt": self.soft.lines() if self.soft is not None else [],
         }
 
     def close(self) -> None:
@@ -364,6 +407,9 @@ class LlamaSlot(LocalSlot):
         if self.batch is not None:
             L.llama_batch_free(self.batch)
             self.batch = None
+        if self.embd_batch is not None:
+            L.llama_batch_free(self.embd_batch)
+            self.embd_batch = None
         if getattr(self, "parts", None) is not None:
             self.parts.detach_all()
             self.parts = None  # type: ignore[assignment]  # it holds the context pointer freed below

@@ -84,6 +84,7 @@ class TransformersModel:
         self.loras: Any = None
         self.steering: Any = None
         self.active_key: tuple = NO_PARTS  # the parameter set active on the model now
+        self._soft_prompts: Any = None
         # LoRA layers and steering hooks are the model's: a slot activates its set and runs its
         # forward pass under this lock, so slots in several threads never see each other's set.
         self.lock = threading.RLock()
@@ -146,9 +147,13 @@ class TransformersModel:
         self.stage_context = tokenizer_context(tok, self.n_vocab)  # vocabulary for plugin stages and DRY
 
     def stop_ids(self, template: ChatTemplate) -> frozenset[int]:
-        """End-of-sequence ids and the template's end-of-turn markers that are single tokens."""
-        ids = (self.tokenizer(m, add_special_tokens=False)["input_ids"] for m in template.stops)
-        return self.eos_ids | {i[0] for i in ids if len(i) == 1}
+        """End-of-sequence ids and the template's end-of-turn markers that are single tokens (once per set)."""
+        known = self.__dict__.setdefault("_stop_ids", {})
+        got = known.get(template.stops)
+        if got is None:
+            ids = (self.tokenizer(m, add_special_tokens=False)["input_ids"] for m in template.stops)
+            got = known[template.stops] = self.eos_ids | {i[0] for i in ids if len(i) == 1}
+        return got
 
     def prompt_tokens(self, template: ChatTemplate, messages: Sequence[Message]) -> list[int]:
         """The rendered prompt as ids; as ``apply_chat_template`` does, no special tokens are added."""
@@ -170,6 +175,15 @@ class TransformersModel:
         if self.steering is None:
             self.steering = Steering(self.hf, self.hidden_size)
         return self.loras, self.steering
+
+    def soft_prompts(self) -> Any:
+        """The soft prompts read for this model (:class:`chat.parts.softprompt.SoftPrompts`), shared by its slots."""
+        if self._soft_prompts is None:
+            from chat.parts.shape import BaseShape
+            from chat.parts.softprompt import SoftPrompts
+
+            self._soft_prompts = SoftPrompts(BaseShape.from_hf_model(self.hf))  # LoRA layers are skipped
+        return self._soft_prompts
 
     def activate(self, key: tuple, adapters: list, vectors: list) -> list[str]:
         """Make ``adapters`` and ``vectors`` the active set (a no-op when ``key`` is active); return notes."""

@@ -7,7 +7,11 @@ What a slot keeps between calls (mirroring the llama.cpp slot):
   prefix and only the tokens after it are run. ``kv`` grows only after a forward pass
   succeeds, and a pass that fails half-way is cropped back, so closing a stream (Ctrl-C)
   leaves both describing the same tokens;
-* ``attached``: the identity of its parameter parts (LoRA set, control vectors) and
+* ``soft``: the active soft prompt; its virtual tokens are the negative ids at the start of
+  every prompt (:func:`chat.generation.virtual_ids`), run as ``inputs_embeds`` rows (unscaled,
+  before the token embeddings) with the cache, as PEFT's prompt tuning does — not through
+  ``PeftModel.generate``, whose cache handling is broken with transformers 5.24;
+* ``attached``: the identity of its parameter parts (LoRA set, control vectors, soft prompt) and
   ``kv_attached``, the set the cache was computed under; when they differ the cache is
   stale and is dropped. Before each forward pass the slot makes its set the model's active one.
 """
@@ -22,11 +26,11 @@ import numpy as np
 
 from chat.backend import Message
 from chat.errors import ModelError
-from chat.generation import LocalSlot, SlotStats, StreamStats
+from chat.generation import LocalSlot, SlotStats, StreamStats, count_virtual, virtual_ids
 from chat.samplerplan import check_logit_bias
 from chat.template import ChatTemplate
 
-from .model import NO_PARTS, TransformersModel
+from .model import TransformersModel
 from .textstream import Detokenizer
 
 if TYPE_CHECKING:
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from chat.sampling import SamplerSettings
 
 MAX_BATCH = 512  # prompt tokens per forward pass
+NO_PARTS: tuple = ((), (), ())  # no adapters, no vectors, no soft prompt
 
 
 class TransformersSlot(LocalSlot):
@@ -55,6 +60,8 @@ class TransformersSlot(LocalSlot):
         self.kv_attached: tuple = NO_PARTS
         self.adapters: list = []
         self.vectors: list = []
+        self.soft: Any = None  # chat.parts.softprompt.ActiveSoftPrompt, when the persona has one
+        self.soft_rows: Any = None  # its values as a tensor on the model's device and dtype
         self.persona_name = ""
         self.use_template(model.templates.base)
 
@@ -75,9 +82,12 @@ class TransformersSlot(LocalSlot):
             return self._apply(persona)
 
     def _apply(self, persona: "Persona") -> list[str]:
+        import torch
+
         model = self.model
         loras, steering = model.parts()
         warnings: list[str] = []
+        soft = model.soft_prompts().combine(persona.soft_prompts, self.context_size, persona.label)
         scales: dict[Path, float] = {}
         for part in persona.adapters:
             path = Path(part.path)
@@ -105,14 +115,18 @@ class TransformersSlot(LocalSlot):
         self.attached = (
             tuple(sorted((str(a.path), round(s, 6)) for a, s in self.adapters)),
             tuple(sorted((str(v.path), round(s, 6), r or (0, 0)) for v, s, r in self.vectors)),
+            soft.key,
         )
-        warnings += model.activate(self.attached, self.adapters, vectors)
+        warnings += model.activate(self.attached[:2], self.adapters, vectors)
+        self.soft = soft if soft.n else None
+        self.soft_rows = torch.from_numpy(soft.values).to(device=model.device, dtype=model.dtype) if soft.n else None
+        self.soft_ids = virtual_ids(soft.n)
         self.use_template(model.templates.for_card(persona.template, persona.name))
         self.persona_name = persona.label
         return warnings
 
     def _activate(self) -> None:
-        self.model.activate(self.attached, self.adapters, self.vectors)
+        self.model.activate(self.attached[:2], self.adapters, self.vectors)
 
     def active_parts(self) -> list[str]:
         """One line per active part: adapters with user and effective scale, vectors with their layers."""
@@ -125,7 +139,7 @@ class TransformersSlot(LocalSlot):
             used = [il for il in sorted(v.directions) if lo <= il <= hi and 0 < il < n_layers]
             span = f"layers {used[0]}-{used[-1]}" if used else "no layer in range"
             lines.append(f"vector {v.path.stem}  scale {s:g}  {span}")
-        return lines
+        return lines + (self.soft.lines() if self.soft is not None else [])
 
     # --- primitives the core loop drives ------------------------------------------------
 
@@ -274,8 +288,12 @@ class TransformersSlot(LocalSlot):
             try:
                 with model.lock, torch.inference_mode():
                     self._activate()
-                    ids = torch.tensor([chunk], dtype=torch.long, device=model.device)
-                    out = model.hf(input_ids=ids, **kwargs)
+                    n_virtual = count_virtual(chunk)
+                    if n_virtual:
+                        out = model.hf(inputs_embeds=self._embeds(chunk, n_virtual), **kwargs)
+                    else:
+                        ids = torch.tensor([chunk], dtype=torch.long, device=model.device)
+                        out = model.hf(input_ids=ids, **kwargs)
             except BaseException as exc:
                 self._restore(base)
                 if isinstance(exc, (KeyboardInterrupt, GeneratorExit)):
@@ -290,6 +308,20 @@ class TransformersSlot(LocalSlot):
             self.kv.extend(chunk)
             self.stats.forward_passes += 1
             self.logits = out.logits[0, -1]
+
+    def _embeds(self, chunk: list[int], n_virtual: int) -> Any:
+        """Input embeddings of ``chunk``: soft prompt rows for its virtual ids, then the tokens' own embeddings."""
+        import torch
+
+        if self.soft_rows is None:  # a bookkeeping error, never a user's: the ids name rows of no soft prompt
+            raise ModelError(f"{self.where}: virtual tokens without an active soft prompt", None)
+        model = self.model
+        rows = self.soft_rows[[-t - 1 for t in chunk[:n_virtual]]]
+        parts = [rows[None]]
+        if n_virtual < len(chunk):
+            ids = torch.tensor([chunk[n_virtual:]], dtype=torch.long, device=model.device)
+            parts.append(model.hf.get_input_embeddings()(ids))
+        return torch.cat(parts, dim=1)
 
     def _restore(self, n: int) -> None:
         """After a failed or interrupted forward pass, bring every cache layer back to ``n`` tokens."""
@@ -319,6 +351,7 @@ class TransformersSlot(LocalSlot):
             "sampler": list(self.sampler_stages),
             "adapters": [f"{a.label} ×{s:g}" for a, s in self.adapters],
             "steering": [f"{v.path.stem} ×{s:g}" + (f" layers {r[0]}-{r[1]}" if r else "") for v, s, r in self.vectors],
+            "soft_prompt": self.soft.lines() if self.soft is not None else [],
         }
 
     def close(self) -> None:
