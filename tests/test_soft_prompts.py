@@ -288,3 +288,35 @@ def test_card_soft_prompt_path_stays_in_the_card_folder(cli, tmp_path, soft_file
     (folder / "persona.toml").write_text('name = "card"\n\n[[soft_prompt]]\npath = "x.gguf"\nscale = 2\n')
     r = cli("personas", "validate", str(folder))
     assert r.exit_code != 0 and "soft_prompt.0.scale" in r.output
+
+
+def test_chat_serve_serves_a_soft_prompt_card(tiny_gguf, tmp_path, soft_files):
+    """Through the openai client: the card answers as the one-shot CLI does, and unlike the base, on any slot."""
+    import shutil
+    import subprocess
+
+    from test_serve import Server, chat_exe
+
+    card = tmp_path / "config" / "personas" / "ghost"
+    card.mkdir(parents=True)
+    shutil.copytree(soft_files["a_peft"], card / "soft")
+    (card / "persona.toml").write_text('name = "ghost"\n\n[[soft_prompt]]\npath = "soft"\n')
+    server = Server(tiny_gguf, tmp_path, "--slots", "2")
+    try:
+        cmd = [*chat_exe(), "-m", str(tiny_gguf), "-p", "ghost", "-t", "0", "--max-tokens", "8", "--json"]
+        cmd += ["--no-history", "--threads", "1", "hello there"]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=server.env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        want = json.loads(out.stdout)["text"]
+        client = server.client()
+        answers = []
+        for model in ("ghost", "ghost", tiny_gguf.name, "ghost"):
+            r = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hello there"}], temperature=0, max_tokens=8
+            )
+            answers.append((model, r.choices[0].message.content, r.usage.prompt_tokens))
+        assert [a for m, a, _ in answers if m == "ghost"] == [want] * 3
+        assert answers[2][1] != want
+        assert answers[0][2] == answers[2][2]  # virtual tokens are not prompt tokens
+    finally:
+        server.stop()
