@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pytest
 from conftest import chat_exe
 from enginefakes import FakeEngine, sse_chunks
@@ -300,6 +301,12 @@ def test_vllm_bodies_one_adapter_by_served_name(cli, chat_home, lora_a_gguf, lor
     write_card(personas, "solo", adapters=[(lora_a_gguf, 1.0)], extra="[sampling]\ntop_k = 20\nmin_p = 0.1")
     write_card(personas, "duo", adapters=[(lora_a_gguf, 0.7), (lora_b_gguf, 0.3)])
     write_card(personas, "steered", steering=[(cvec_gguf, 0.5)])
+    softy = write_card(personas, "softy")
+    from chat.parts.softprompt import write_gguf_soft_prompt
+
+    write_gguf_soft_prompt(softy / "parts" / "soft.gguf", np.ones((4, 64), np.float32))
+    with open(softy / "persona.toml", "a") as fh:
+        fh.write('[[soft_prompt]]\npath = "parts/soft.gguf"\n')
     served = {
         "object": "list",
         "data": [
@@ -324,6 +331,8 @@ def test_vllm_bodies_one_adapter_by_served_name(cli, chat_home, lora_a_gguf, lor
         assert r.exit_code != 0 and "--merged-lora" in r.output and "vLLM" in r.output
         r = cli("-m", "eng", "-p", "steered", "--no-history", "hi")
         assert r.exit_code != 0 and "cannot apply control vectors" in r.output
+        r = cli("-m", "eng", "-p", "softy", "--no-history", "hi")
+        assert r.exit_code != 0 and "cannot apply soft prompts" in r.output and "chat serve" in r.output
         r = cli("-m", "eng", "--no-history", "-o", "xtc_probability=0.5", "hi")
         assert r.exit_code != 0 and "does not take the sampler setting(s) xtc_probability" in r.output
         config_entry(chat_home, fake.url, retries=0, drop_unsupported=True)

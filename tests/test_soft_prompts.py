@@ -114,6 +114,17 @@ def test_same_greedy_ids_on_both_backends_and_not_the_base(llama, tf, soft_files
     assert finish.usage.prompt_tokens == len(llama.slot.prompt_tokens(CHAT))
 
 
+def test_beam_search_with_a_soft_prompt_is_the_same_on_both_backends(llama, tf, soft_files):
+    beams = SamplerSettings(beams=3, max_tokens=8)
+    persona = soft(soft_files["a_gguf"])
+    llama.apply(persona)
+    tf.apply(persona)
+    on_llama, finish = run(llama, sampling=beams)
+    assert run(tf, sampling=beams)[0] == on_llama and finish.usage.virtual_tokens == 6
+    llama.apply(BASE)
+    assert run(llama, sampling=beams)[0] != on_llama
+
+
 def test_both_formats_hold_the_same_numbers(soft_files):
     for name in ("a", "b"):
         peft, gguf = read_soft_prompt(soft_files[f"{name}_peft"]), read_soft_prompt(soft_files[f"{name}_gguf"])

@@ -41,7 +41,7 @@ def attach(
     ``adapters_on_server``: llama.cpp's ``GET /lora-adapters`` answer (None elsewhere);
     ``served``: the engine's ``/v1/models`` entries (vLLM's adapters are there).
     """
-    soft = getattr(persona, "soft_prompts", ())
+    soft = persona.soft_prompts
     if engine.vectors is False and (persona.steering or soft):
         what = "control vectors" if persona.steering else "soft prompts"
         raise RemoteError(
