@@ -64,7 +64,9 @@ class FakeEngine:
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?")[0]
                 if path in gets:
-                    self.send_json(200, gets[path])
+                    got = gets[path]  # a JSON value, or (status, JSON value)
+                    status, data = got if isinstance(got, tuple) else (200, got)
+                    self.send_json(status, data)
                 else:
                     self.send_json(404, {"error": {"message": "not found"}})
 

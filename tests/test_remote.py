@@ -176,6 +176,27 @@ def test_read_timeout_is_one_line_and_prompt(cli, chat_home):
         fake.close()
 
 
+def test_engine_detection_falls_back_to_openai_behind_an_error_answering_gateway(cli, chat_home):
+    """A gateway that answers 401 or 500 on the probe endpoints is a plain OpenAI-compatible server, not an error."""
+    denied = (401, {"error": {"message": "unauthorized"}})
+    fake = FakeEngine(
+        {
+            "/v1/models": models_list("m"),
+            "/health": denied,
+            "/props": (500, {"error": {"message": "boom"}}),
+            "/version": denied,
+            "/api/version": denied,
+        },
+        lambda h, body: h.send_sse(sse_chunks(["fine"])),
+    )
+    try:
+        config_entry(chat_home, fake.url, retries=0)  # no engine named: detected
+        r = cli("-m", "eng", "--no-history", "hi")
+        assert r.exit_code == 0 and "fine" in r.output, r.output
+    finally:
+        fake.close()
+
+
 def test_429_is_retried_with_backoff_then_reported_in_the_engines_words(cli, chat_home):
     def busy_once(h, body):
         if len(fake.bodies) == 1:

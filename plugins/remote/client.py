@@ -143,18 +143,31 @@ def get_json(client: Any, url: str, retries: int | None = None) -> Any:
     return None if isinstance(data, str) else data
 
 
+def _probe(client: Any, url: str) -> Any:
+    """``get_json`` for engine detection: any HTTP error answer (401 behind a gateway, 500) means "not this one".
+
+    A server that cannot be reached at all still raises: that is the user's first error to see.
+    """
+    import openai
+
+    try:
+        return get_json(client, url, retries=0)
+    except openai.APIStatusError:
+        return None
+
+
 def detect_engine(client: Any, location: Location) -> str:
     """Which engine serves ``location``, from endpoints only it has; ``openai`` when none answers."""
-    health = get_json(client, f"{location.root}/health", retries=0)
+    health = _probe(client, f"{location.root}/health")
     if isinstance(health, dict) and "slots" in health and "busy" in health:
         return "chat"
-    props = get_json(client, f"{location.root}/props", retries=0)
+    props = _probe(client, f"{location.root}/props")
     if isinstance(props, dict) and "default_generation_settings" in props:
         return "llamacpp"
-    version = get_json(client, f"{location.root}/version", retries=0)
+    version = _probe(client, f"{location.root}/version")
     if isinstance(version, dict) and "version" in version:
         return "vllm"
-    ollama = get_json(client, f"{location.root}/api/version", retries=0)
+    ollama = _probe(client, f"{location.root}/api/version")
     if isinstance(ollama, dict) and "version" in ollama:
         return "ollama"
     return "openai"
