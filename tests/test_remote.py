@@ -375,6 +375,9 @@ def test_llama_server_bodies_weighted_adapter_mix(cli, chat_home, lora_a_gguf, l
         {"id": 0, "path": "/srv/lora-b.gguf", "scale": 1.0},
         {"id": 1, "path": "/srv/lora-a.gguf", "scale": 1.0},
         {"id": 2, "path": "/srv/other.gguf", "scale": 1.0},
+        {"id": "x", "path": "/srv/odd.gguf"},  # odd entries from a server are skipped, never a crash
+        {"id": True, "path": "/srv/odd2.gguf"},
+        "junk",
     ]
     gets = {
         "/health": {"status": "ok"},

@@ -59,8 +59,13 @@ def attach(
     raise RemoteError(f"{persona.label}: {engine.title} at {where} cannot apply LoRA adapters", engine.adapter_hint)
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _llamacpp(engine: EngineSpec, persona: Persona, where: str, loaded: Any) -> Attached:
-    entries = [e for e in loaded if isinstance(e, dict) and "id" in e] if isinstance(loaded, list) else []
+    # a whole-number id only (a server's odd answer is skipped, never a crash; JSON true is not an id)
+    entries = [e for e in (loaded if isinstance(loaded, list) else []) if isinstance(e, dict) and _whole(e.get("id"))]
     if not entries:
         if persona.adapters:
             raise RemoteError(
