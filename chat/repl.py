@@ -29,7 +29,7 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "undo": "remove the last exchange",
     "clear": "start a new conversation (same model and persona)",
     "info": "model, persona, sampler settings, context used / size",
-    "adapters": "active adapters and control vectors with their effective scales",
+    "adapters": "active adapters, control vectors and soft prompts, with their effective scales",
     "prompt": "/prompt [TEXT] — show the exact prompt the next turn sends (with TEXT as your message) and its tokens",
     "stats": "one line of stats after each answer (tokens, tokens/s, first token, cached); /stats again turns it off",
     "save": "/save [FILE.md|FILE.json|FILE.txt] — write the conversation to a file (it is always kept in history)",
@@ -289,7 +289,7 @@ class Repl:
         active = getattr(self.session.backend, "active_parts", None)
         if active is not None:
             lines = active()
-        self.print("\n".join(lines) if lines else "no adapters or control vectors are active")
+        self.print("\n".join(lines) if lines else "no adapters, control vectors or soft prompts are active")
 
     def cmd_prompt(self, arg: str) -> None:
         rendered, n_tokens = self.session.preview(arg or None)

@@ -93,3 +93,33 @@ def test_switch_and_mix_adapter_personas_mid_conversation(spawn, chat_home, adap
     assert answers == ["alpha", "beta", "alpha:0.7,beta:0.3", "alpha:0.7,beta:0.3", "alpha"]
     assert [m.content for m in msgs if m.role == "user"] == ["hello there", "and you?", "mixed now", "still here", "back to alpha"]
     store.close()
+
+
+def test_soft_prompt_card_in_the_repl(spawn, chat_home, tiny_gguf, tiny_cfg, tmp_path):
+    """/adapters and /info list the soft prompt; switching to and from it is a persona switch, no reload."""
+    import numpy as np
+
+    from chat.parts.softprompt import write_gguf_soft_prompt
+
+    rows = np.random.default_rng(9).standard_normal((5, tiny_cfg.hidden_size)).astype(np.float32)
+    soft = write_gguf_soft_prompt(tmp_path / "ghost.gguf", rows, architecture="llama")
+    card(chat_home / "config" / "personas", "ghost", '[[soft_prompt]]\npath = "ghost.gguf"\n', {"ghost.gguf": soft})
+    child = spawn("-m", str(tiny_gguf), "-p", "ghost", "-t", "0", "--max-tokens", "4")
+    child.expect_exact("you ›")
+    child.sendline("hello there")
+    child.expect_exact("you ›")
+    child.sendline("/adapters")
+    child.expect(r"soft prompt\s+ghost\s+card ghost\s+5 virtual tokens × 64")
+    child.expect_exact("you ›")
+    child.sendline("/info")
+    child.expect(r"soft prompt\s+ghost")
+    child.expect_exact("you ›")
+    child.sendline("/persona assistant")
+    child.expect_exact("model not reloaded")
+    child.expect_exact("you ›")
+    child.sendline("/adapters")
+    child.expect_exact("no adapters, control vectors or soft prompts are active")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
