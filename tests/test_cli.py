@@ -22,7 +22,7 @@ def test_json_has_exactly_the_documented_fields(cli):
     assert set(data) == {"text", "model", "persona", "finish_reason", "usage", "timings", "conversation_id"}
     assert data["text"] == "[default] echo: hello"
     assert data["finish_reason"] == "stop"
-    assert set(data["usage"]) == {"prompt_tokens", "completion_tokens", "cached_tokens"}
+    assert set(data["usage"]) == {"prompt_tokens", "completion_tokens", "cached_tokens", "virtual_tokens"}
     assert data["usage"]["completion_tokens"] == 3
     assert set(data["timings"]) == {"ttft_s", "tokens_per_s"}
     assert data["conversation_id"]

@@ -151,3 +151,12 @@ def test_importers_survive_ten_thousand_inputs(tmp_path_factory):
 
     random.seed(SEED)
     assert _check(tmp_path_factory, 10_000, False) >= 10_000
+
+
+def test_charx_naming_a_zip_version_python_cannot_read_is_one_error(tmp_path):
+    """Found by the long fuzz run: zipfile raises NotImplementedError for 'zip file version 8.4'."""
+    data = bytearray(charx_bytes(v3_doc(), {"assets/a.png": image()}))
+    at = data.index(b"PK\x01\x02")  # the central directory: version made by (2 bytes), version needed (2 bytes)
+    data[at + 6] = 84
+    with pytest.raises(ChatError, match="not a readable zip"):
+        parse_card_file(bytes(data), tmp_path / "odd.charx")

@@ -43,7 +43,8 @@ def read(data: bytes, where: Path) -> tuple[bytes, dict[str, bytes]]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError, OSError, EOFError) as exc:
+        # NotImplementedError: a central directory naming a zip version Python cannot read (fuzzing found it)
         raise CardFileError(f"{where}: not a readable zip ({exc})", "a CHARX file is a zip holding card.json") from None
     if len(infos) > MAX_ENTRIES:
         raise CardFileError(f"{where}: {len(infos):,} entries in the zip", f"a CHARX may hold at most {MAX_ENTRIES}")
