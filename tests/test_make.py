@@ -81,12 +81,12 @@ def greedy(backend, messages) -> str:
                    if not isinstance(x, Finish))
 
 
-def answers(backend, persona) -> list[str]:
+def answers(backend, persona, prompts=UNSEEN) -> list[str]:
     from chat.backend import Message
 
     backend.apply(persona)
     prefix = [Message("system", persona.system)] if persona.system else []
-    return [greedy(backend, [*prefix, Message("user", p)]) for p in UNSEEN]
+    return [greedy(backend, [*prefix, Message("user", p)]) for p in prompts]
 
 
 def resolve(card: Path):
@@ -163,7 +163,8 @@ def test_same_seed_gives_byte_identical_adapters(tmp_path, env, data, tiny_gguf_
 def test_vector_moves_persona_tokens_the_right_way(tmp_path, env, data, tiny_gguf):
     from chat.make.base import load_base
     from chat.make.data import read_data
-    from chat.make.encode import encode, token_nll
+    from chat.make.encode import encode
+    from chat.make.forward import token_nll
     from chat.make.vector import steered
     from chat.parts.vector import read_directions, read_vector
 
@@ -268,3 +269,65 @@ def test_bad_input_is_one_line_and_leaves_no_card(case, tmp_path, env, data, tin
     else:
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".making-" in p.name]
+
+
+SOFT = ("--soft-prompt", "32", "--soft-prompt-lr", "0.3", "--epochs", "50", "--patience", "0", "--seed", "3")
+#: Prompts the soft prompt never saw. On the 2-layer random base a soft prompt (it acts through attention
+#: alone) carries the style to prompts of common words; one with a rare word ("lighthouse") defeats it,
+#: where the LoRA still succeeds.
+SOFT_UNSEEN = ["What do you think about a lantern?", "What do you think about cheese?",
+               "Hello! Can you tell me a joke?"]
+
+
+@pytest.fixture(scope="module")
+def soft_card(tmp_path_factory, env, data, tiny_gguf) -> Path:
+    """A soft prompt card made on the f32 GGUF (the same weights as tiny_hf_dir)."""
+    out = tmp_path_factory.mktemp("cards") / "softpirate"
+    result = run_cli(env, "personas", "make", "softpirate", "-b", str(tiny_gguf), "--from", str(data), *SOFT,
+                     "-o", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_soft_prompt_lowers_the_held_out_loss_and_is_written_in_both_formats(soft_card):
+    from chat.parts.softprompt import read_soft_prompt
+
+    text = (soft_card / "persona.toml").read_text()
+    assert "[[soft_prompt]]" in text and 'path = "soft_prompts/softpirate.gguf"' in text
+    assert "[[adapters]]" not in text and "[[steering]]" not in text and "[[examples]]" not in text
+    gguf, peft = (read_soft_prompt(soft_card / "soft_prompts" / p) for p in ("softpirate.gguf", "softpirate-peft"))
+    assert gguf.values.shape == peft.values.shape == (32, 64) and (gguf.values == peft.values).all()
+    record = json.loads((soft_card / "make.json").read_text())
+    assert record["soft_prompt"]["held_loss_with"] < record["soft_prompt"]["held_loss_without"] / 10
+    assert record["soft_prompt"]["settings"]["n_virtual"] == 32 and record["settings"]["soft_prompt"] == 32
+
+
+@pytest.mark.parametrize("backend_name", ["llama.cpp", "transformers"])
+def test_soft_prompt_style_shows_on_both_backends(backend_name, soft_card, tiny_gguf, tiny_hf_dir):
+    from chat.backend import BackendOptions
+    from chat.persona import NO_PERSONA
+
+    if backend_name == "llama.cpp":
+        from chat_plugins.llamacpp import LlamaCppBackend
+
+        backend = LlamaCppBackend(str(tiny_gguf), BackendOptions(threads=1))
+    else:
+        from chat_plugins.transformers_backend import TransformersBackend
+
+        backend = TransformersBackend(str(tiny_hf_dir), BackendOptions(threads=1))
+    try:
+        with_card = answers(backend, resolve(soft_card), SOFT_UNSEEN)
+        without = answers(backend, NO_PERSONA, SOFT_UNSEEN)
+    finally:
+        backend.close()
+    assert all(a.startswith("Ar") and "matey" in a for a in with_card), with_card
+    assert not any("matey" in a for a in without), without
+
+
+def test_eval_has_a_soft_prompt_row(soft_card, data, tiny_gguf, env):
+    result = run_cli(env, "personas", "eval", str(soft_card), "-m", str(tiny_gguf), "--on", str(data),
+                     "--answers", "0")
+    assert result.exit_code == 0, result.output
+    rows = {line[:16].strip(): float(line[16:24]) for line in result.output.splitlines()
+            if line[:16].strip() in ("base", "+ prompt parts", "+ soft prompt", "+ all")}
+    assert rows["+ soft prompt"] < rows["base"] and rows["+ all"] < rows["base"] / 10, result.output

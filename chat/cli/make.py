@@ -73,6 +73,13 @@ def make(
     data: Annotated[Path, typer.Option("--from", help="Examples: JSONL chat messages, a card, or plain text.")],
     vector: Annotated[bool, typer.Option("--vector", help="Make a control vector (the default).")] = False,
     lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter.")] = False,
+    soft_prompt: Annotated[
+        int, typer.Option("--soft-prompt", metavar="N", help="Train a soft prompt of N virtual tokens (0: none).")
+    ] = 0,
+    soft_prompt_lr: Annotated[float, typer.Option(help="Soft prompt learning rate.")] = 3e-2,
+    soft_prompt_init: Annotated[
+        str, typer.Option(help="Soft prompt start: text (the system prompt's embeddings) or vocab (drawn tokens).")
+    ] = "text",
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Card folder (default: your personas dir).")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing card.")] = False,
     positive: Annotated[Path | None, typer.Option(help="Persona-style answers (pairs with --negative).")] = None,
@@ -92,10 +99,11 @@ def make(
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's choice).")] = None,
     memory_limit: Annotated[float | None, typer.Option(help="GiB training may use (default: what is free).")] = None,
 ) -> None:
-    """Make a card's control vector and/or LoRA adapter from example dialogues, on the CPU."""
+    """Make a card's control vector, LoRA adapter and/or soft prompt from example dialogues, on the CPU."""
     with guard():
         from chat.make.lora import LoraSettings
         from chat.make.run import MakeRequest, make_card
+        from chat.make.softprompt import SoftPromptSettings
 
         app = AppContext()
         request = MakeRequest(
@@ -103,7 +111,7 @@ def make(
             base=base,
             data=data,
             out=out or app.paths.personas_dir / name,
-            vector=vector or not lora,
+            vector=vector or not (lora or soft_prompt),
             lora=lora,
             force=force,
             positive=positive,
@@ -118,12 +126,24 @@ def make(
             lora_settings=LoraSettings(
                 rank=rank, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, patience=patience, seed=seed
             ),
+            soft_prompt=SoftPromptSettings(
+                lr=soft_prompt_lr,
+                epochs=epochs,
+                batch_size=batch_size,
+                patience=patience,
+                seed=seed,
+                n_virtual=soft_prompt,
+                init=soft_prompt_init,
+            )
+            if soft_prompt
+            else None,
         )
         outcome = make_card(request, TerminalReporter())
-        if outcome.lora is not None:
+        trained = outcome.lora or outcome.soft_prompt
+        if trained is not None:
             from chat.make.chart import text_chart
 
-            history = outcome.lora.history
+            history = trained.history
             held = [(h["step"], h["held_loss"]) for h in history if h["held_loss"] is not None]
             for row in text_chart([h["loss"] for h in history], held):
                 echo(row)

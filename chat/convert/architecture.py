@@ -37,8 +37,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("Qwen2ForCausalLM", "qwen2", "qwen2", permute_qk=False),
 )
 
-#: GGUF architectures an adapter can target, and whether their q/k rows are rope-permuted.
-GGUF_ARCH_PERMUTES: dict[str, bool] = {"llama": True, "qwen2": False}
+#: GGUF architectures an adapter can target, and whether their q/k rows are rope-permuted. gemma3 is not:
+#: llama.cpp's converter only shifts its norm weights (by +1), which no LoRA targets.
+GGUF_ARCH_PERMUTES: dict[str, bool] = {"llama": True, "qwen2": False, "gemma3": False}
 
 
 def supported_names() -> str:

@@ -2,7 +2,9 @@
 
 ``data`` reads and checks the examples, ``base`` loads the user's model for training (a GGUF
 through transformers' own reader), ``encode`` turns dialogues into ids with the persona's
-tokens marked, ``vector`` makes a control vector, ``lora`` trains an adapter, ``folder`` /
-``writing`` / ``record`` write the card, ``evaluate`` measures one, ``run`` ties make together.
-torch, transformers and peft are imported inside functions only.
+tokens marked, ``forward`` runs the model computing only what a loss needs, ``vector`` makes a
+control vector, ``training`` is the loop every trained part shares, ``lora`` trains an adapter
+and ``softprompt`` a soft prompt with it, ``folder`` / ``writing`` / ``record`` write the card,
+``evaluate`` measures one, ``run`` ties make together. torch, transformers and peft are
+imported inside functions only.
 """

@@ -159,12 +159,15 @@ def load_base(spec: str, threads: int | None = None) -> TrainBase:
     if threads:
         torch.set_num_threads(threads)
     where, extra = (str(path.parent), {"gguf_file": path.name}) if is_gguf else (str(path), {"use_safetensors": True})
+    sha = file_hash(path, is_gguf)
     hf_logging.disable_progress_bar()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws a tqdm bar of its own
-            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, local_files_only=True, **extra)
+            tok = _tokenizer(where, extra, sha) if is_gguf else None
+            if tok is None:
+                tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, local_files_only=True, **extra)
             model = AutoModelForCausalLM.from_pretrained(
                 where, dtype=torch.float32, trust_remote_code=False, local_files_only=True, **extra
             )
@@ -189,9 +192,37 @@ def load_base(spec: str, threads: int | None = None) -> TrainBase:
         tok,
         _template(tok, model, path),
         arch,
-        file_hash(path, is_gguf),
+        sha,
         time.perf_counter() - started,
     )
+
+
+def _tokenizer(where: str, extra: dict[str, Any], sha: str) -> Any:
+    """A GGUF's tokenizer, converted by transformers once and kept (keyed by the file's sha256 and the
+    transformers version): converting a 262,144-token vocabulary takes half a minute, reading it back seconds."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from chat.config import Paths
+
+    folder = Paths().data_dir / "cache" / "make-tokenizers" / f"{sha[:32]}-{transformers.__version__}"
+    if (folder / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+        except Exception:  # a damaged cache entry: convert again below
+            pass
+    tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, local_files_only=True, **extra)
+    part = folder.with_name(folder.name + ".part")
+    try:
+        import shutil
+
+        shutil.rmtree(part, ignore_errors=True)
+        tok.save_pretrained(str(part))
+        shutil.rmtree(folder, ignore_errors=True)
+        part.rename(folder)
+    except OSError:  # a read-only or full disk: the tokenizer still works, it is only not kept
+        pass
+    return tok
 
 
 def _template(tok: Any, model: Any, path: Path) -> Any:

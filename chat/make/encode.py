@@ -18,6 +18,9 @@ from chat.make.data import Dialogue
 
 #: Longest dialogue trained on, in tokens (longer ones are cut at the end).
 MAX_TOKENS = 256
+#: Longest dialogue evaluated in a card's context (system prompt and examples first): long enough that
+#: the answers are never the part cut off, and cheap because the shared context runs once.
+EVAL_MAX_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -82,21 +85,3 @@ def batch(items: Sequence[Encoded], pad_id: int) -> tuple[Any, Any, Any]:
         attn[row, :n] = 1
         labels[row, :n] = torch.tensor([t if m else -100 for t, m in zip(e.ids, e.mask, strict=True)])
     return ids, attn, labels
-
-
-def token_nll(model: Any, items: Sequence[Encoded], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
-    """(summed negative log-likelihood, token count) of the persona's tokens under ``model`` as it is now."""
-    import torch
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            ids, attn, labels = batch(items[start : start + batch_size], pad_id)
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-            target = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            total += float(nll)
-            count += int((target != -100).sum())
-    return total, count

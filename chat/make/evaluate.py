@@ -2,7 +2,8 @@
 
 The number is the held-out loss (mean negative log-likelihood per token, and its perplexity)
 of the persona's own answers: with the base alone, with the card's prompt parts (system
-prompt and examples), with its control vectors, with its LoRA adapters, and with everything.
+prompt and examples), with its control vectors, with its soft prompts, with its LoRA adapters,
+and with everything.
 Lower is closer to the persona. When the data is the one the card was made from (same
 sha256 as in ``make.json``), only the dialogues held out during making are used.
 
@@ -86,26 +87,32 @@ def lora_attached(base: Any, adapters: list[tuple[Path, float]]) -> Iterator[Any
 
 def evaluate(base: Any, persona: Any, dialogues: list[Dialogue]) -> list[EvalRow]:
     """Held-out loss of the dialogues' answers under each combination of the card's parts."""
-    from chat.make.encode import encode, token_nll
+    from chat.make.encode import EVAL_MAX_TOKENS, encode
+    from chat.make.forward import token_nll
     from chat.make.vector import steered
     from chat.parts.vector import read_directions, read_vector
 
     pad = base.tokenizer.pad_token_id
     examples = [(e.user, e.assistant) for e in persona.examples]
-    plain = [encode(base, d) for d in dialogues]
-    prompted = [encode(base, d, persona.system, examples) for d in dialogues] if persona.system or examples else None
+    plain = [encode(base, d, max_tokens=EVAL_MAX_TOKENS) for d in dialogues]
+    prompted = (
+        [encode(base, d, persona.system, examples, EVAL_MAX_TOKENS) for d in dialogues]
+        if persona.system or examples
+        else None
+    )
     vectors = []
     for part in persona.steering:
         read_vector(part.path)  # one clear line for a broken file, before numbers are read
         vectors.append((read_directions(part.path), part.scale, part.layers))
     adapters = [(a.path, a.scale) for a in persona.adapters]
+    soft = soft_prompt_rows(base, persona)
 
-    def loss(items: list[Any], model: Any, with_vectors: bool) -> tuple[float, int]:
+    def loss(items: list[Any], model: Any, with_vectors: bool, rows: Any = None) -> tuple[float, int]:
         with contextlib.ExitStack() as stack:
             if with_vectors:
                 for directions, scale, layers in vectors:
                     stack.enter_context(steered(model, directions, scale, layers))
-            total, count = token_nll(model, items, pad)
+            total, count = token_nll(model, items, pad, soft=rows)
         return total / max(count, 1), count
 
     rows = [EvalRow("base", *loss(plain, base.model, False))]
@@ -113,13 +120,33 @@ def evaluate(base: Any, persona: Any, dialogues: list[Dialogue]) -> list[EvalRow
         rows.append(EvalRow("+ prompt parts", *loss(prompted, base.model, False)))
     if vectors:
         rows.append(EvalRow("+ vector", *loss(plain, base.model, True)))
+    if soft is not None:
+        rows.append(EvalRow("+ soft prompt", *loss(plain, base.model, False, soft)))
     with lora_attached(base, adapters) as model:
         if model is not None:
             rows.append(EvalRow("+ LoRA", *loss(plain, model, False)))
-        kinds = sum(bool(k) for k in (prompted is not None, vectors, adapters))
+        kinds = sum(bool(k) for k in (prompted is not None, vectors, adapters, soft is not None))
         if kinds > 1:
-            rows.append(EvalRow("+ all", *loss(prompted or plain, model or base.model, True)))
+            rows.append(EvalRow("+ all", *loss(prompted or plain, model or base.model, True, soft)))
     return rows
+
+
+def soft_prompt_rows(base: Any, persona: Any) -> Any:
+    """The card's soft prompts, checked against the base and concatenated in order (a float tensor), or None."""
+    if not persona.soft_prompts:
+        return None
+    import numpy as np
+    import torch
+
+    from chat.parts.softprompt import check_soft_prompt, read_soft_prompt
+
+    shape = base.shape()
+    parts = []
+    for part in persona.soft_prompts:
+        info = read_soft_prompt(part.path)
+        check_soft_prompt(info, shape)
+        parts.append(info.values)
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.float32))
 
 
 def greedy_answers(model_spec: str, persona: Any, prompts: list[str], max_tokens: int = 48) -> list[tuple[str, str]]:

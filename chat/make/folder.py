@@ -35,6 +35,8 @@ class CardParts:
     vector_scale: float = 1.0
     vector_layers: tuple[int, int] | None = None
     other_format: str | None = None  # the same adapter in the other format (a comment in the card)
+    soft_prompt: str | None = None
+    soft_prompt_other: str | None = None  # the same soft prompt in the other format (a comment in the card)
 
 
 def toml_string(value: str) -> str:
@@ -43,7 +45,7 @@ def toml_string(value: str) -> str:
 
 
 def card_text(parts: CardParts) -> str:
-    """``persona.toml`` with the existing keys only (system, [[examples]], [[adapters]], [[steering]])."""
+    """``persona.toml`` with the card keys: system, [[examples]], [[adapters]], [[steering]], [[soft_prompt]]."""
     lines = [f"name = {toml_string(parts.name)}", f"description = {toml_string(parts.description)}"]
     if parts.system:
         lines.append(f"system = {toml_string(parts.system)}")
@@ -58,6 +60,11 @@ def card_text(parts: CardParts) -> str:
         lines += ["", "[[steering]]", f"path = {toml_string(parts.vector)}", f"scale = {parts.vector_scale:g}"]
         if parts.vector_layers:
             lines.append(f"layers = [{parts.vector_layers[0]}, {parts.vector_layers[1]}]")
+    if parts.soft_prompt:
+        lines += ["", "[[soft_prompt]]"]
+        if parts.soft_prompt_other:
+            lines.append(f"# the same soft prompt in the other format: {parts.soft_prompt_other}")
+        lines.append(f"path = {toml_string(parts.soft_prompt)}")
     return "\n".join(lines) + "\n"
 
 

@@ -2,11 +2,15 @@
 
 Defaults for a few hundred short dialogues on a laptop CPU: rank 8 (alpha 16) on every
 linear projection of every decoder layer (q, k, v, o, gate, up, down), AdamW at 1e-3 with a
-short warm-up and cosine decay, batches of 8, 3 epochs, evaluated on the held-out split twice
-per epoch; training stops after 2 evaluations without improvement and keeps the best
-adapter. With the same ``seed`` (and thread count) the adapter is the same, byte for byte:
-the LoRA init, the batch order of each epoch and the learning rate are functions of the seed
-and the step alone, which is also what lets an interrupted run resume exactly.
+short warm-up and cosine decay, batches of 8 (of similar lengths, with enough data), 3 epochs,
+evaluated on the held-out split (its first 100) twice per epoch; training stops after 2
+evaluations without improvement and keeps the best adapter. With the same ``seed`` (and thread
+count) the adapter is the same, byte for byte: the LoRA init, the batches of each epoch and the
+learning rate are functions of the seed and the step alone, which is also what lets an
+interrupted run resume exactly.
+
+A step computes the LM head only at the persona's positions (:mod:`chat.make.forward`): the
+same loss as a plain ``model(labels=...)`` call, without the logits nobody reads.
 
 Ctrl-C stops after the current step and writes a checkpoint (adapter, optimizer, step,
 best-so-far); ``--resume`` continues from it. torch and peft are imported inside functions.
@@ -15,27 +19,30 @@ best-so-far); ``--resume`` continues from it. torch and peft are imported inside
 from __future__ import annotations
 
 import json
-import math
-import os
-import signal
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from chat.errors import ChatError, UsageError
-from chat.make.encode import Encoded, batch, token_nll
+from chat.make.encode import Encoded
+from chat.make.forward import token_nll, training_loss
+from chat.make.training import (
+    EVAL_BATCH,
+    HELD_MAX,
+    InterruptedTraining,
+    Progress,
+    TrainResult,
+    TrainSettings,
+    run_training,
+)
+
+#: A trained LoRA's result (the training loop is shared with soft prompts).
+LoraResult = TrainResult
+__all__ = ["InterruptedTraining", "LoraResult", "LoraSettings", "MemoryRefused", "Progress", "train_lora"]
 
 #: Hugging Face module suffixes LoRA targets: every linear projection of a decoder layer.
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CHECKPOINT = "checkpoint.pt"
-
-
-class InterruptedTraining(ChatError):
-    """Ctrl-C during training: a checkpoint was written."""
-
-    exit_code = 130
 
 
 class MemoryRefused(ChatError):
@@ -45,58 +52,16 @@ class MemoryRefused(ChatError):
 
 
 @dataclass(frozen=True)
-class LoraSettings:
+class LoraSettings(TrainSettings):
     rank: int = 8
     alpha: float = 16.0
-    lr: float = 1e-3
-    epochs: int = 3
-    batch_size: int = 8
-    evals_per_epoch: int = 2
-    patience: int = 2  # evaluations without a better held-out loss before stopping (0: never stop early)
-    seed: int = 0
-    warmup: int = 5  # steps
 
-    def check(self) -> None:
-        for name in ("rank", "epochs", "batch_size", "evals_per_epoch"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if not (0 < self.lr < 1) or not math.isfinite(self.lr):
-            raise UsageError(f"--lr {self.lr}: must be between 0 and 1", "1e-4 … 2e-3 works for most")
-        if self.alpha <= 0 or self.patience < 0:
-            raise UsageError("--alpha must be > 0 and --patience ≥ 0")
-
-
-@dataclass
-class Progress:
-    """What a running training reports after each step (the CLI draws it)."""
-
-    step: int
-    total: int
-    epoch: int
-    loss: float
-    held_loss: float | None
-    tokens_per_s: float
-    elapsed_s: float
-
-
-@dataclass
-class LoraResult:
-    state: dict[str, Any]  # peft state dict of the best adapter (keys without the adapter name)
-    config: dict[str, Any]  # adapter_config.json
-    history: list[dict[str, Any]] = field(default_factory=list)  # {step, epoch, loss, held_loss}
-    base_held_loss: float = 0.0
-    best_held_loss: float = 0.0
-    best_step: int = 0
-    steps: int = 0
-    total_steps: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    stopped_early: bool = False
-    resumed_from: int = 0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
+    def check(self, lr_flag: str = "--lr", lr_hint: str = "1e-4 … 2e-3 works for most") -> None:
+        super().check(lr_flag, lr_hint)
+        if self.rank < 1:
+            raise UsageError("--rank must be at least 1")
+        if self.alpha <= 0:
+            raise UsageError("--alpha must be > 0")
 
 
 def estimate_memory(
@@ -149,38 +114,6 @@ def lora_config(settings: LoraSettings) -> dict[str, Any]:
     }
 
 
-def _lr(settings: LoraSettings, step: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth: a function of the step alone (resumable)."""
-    if step < settings.warmup:
-        return settings.lr * (step + 1) / settings.warmup
-    frac = (step - settings.warmup) / max(1, total - settings.warmup)
-    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-
-class _StopFlag:
-    """The first Ctrl-C asks to stop after this step; a second one stops at once."""
-
-    def __init__(self) -> None:
-        self.asked = False
-        self._old: Any = None
-
-    def __enter__(self) -> "_StopFlag":
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
-            self._old = None
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.asked:
-            raise KeyboardInterrupt
-        self.asked = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
 def train_lora(
     base: Any,
     train: Sequence[Encoded],
@@ -203,7 +136,8 @@ def train_lora(
     config = lora_config(settings)
     pad = base.tokenizer.pad_token_id
     model = base.model
-    base_total, base_count = token_nll(model, held, pad)
+    held = held[:HELD_MAX]
+    base_total, base_count = token_nll(model, held, pad, EVAL_BATCH)
     torch.manual_seed(settings.seed)
     peft_model = get_peft_model(
         model,
@@ -217,24 +151,11 @@ def train_lora(
         ),
     )
 
-    def get_state(m: Any) -> dict[str, Any]:  # "auto" would ask the Hub whether the vocabulary changed
-        return get_peft_model_state_dict(m, save_embedding_layers=False)
-
+    trainee = _LoraTrainee(peft_model, pad, get_peft_model_state_dict, set_peft_model_state_dict)
     try:
-        result = _loop(
-            peft_model,
-            train,
-            held,
-            settings,
-            config,
-            pad,
-            checkpoint_dir,
-            fingerprint,
-            resume,
-            on_progress,
-            base_total / max(base_count, 1),
-            get_state,
-            set_peft_model_state_dict,
+        base_held = base_total / max(base_count, 1)
+        result = run_training(
+            trainee, train, held, settings, config, checkpoint_dir, fingerprint, resume, on_progress, base_held
         )
         if after is not None:
             set_peft_model_state_dict(peft_model, result.state)
@@ -244,155 +165,30 @@ def train_lora(
         base.model = peft_model.unload()  # the plain base again, for whatever runs next
 
 
-def _loop(
-    peft_model: Any,
-    train: Sequence[Encoded],
-    held: Sequence[Encoded],
-    settings: LoraSettings,
-    config: dict[str, Any],
-    pad: int,
-    checkpoint_dir: Path,
-    fingerprint: str,
-    resume: bool,
-    on_progress: Callable[[Progress], None] | None,
-    base_held: float,
-    get_state: Any,
-    set_state: Any,
-) -> LoraResult:
-    import torch
+class _LoraTrainee:
+    """The adapter's weights inside the peft model; the LM head only at the persona's positions."""
 
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    per_epoch = math.ceil(len(train) / settings.batch_size)
-    total = per_epoch * settings.epochs
-    eval_at = {max(1, round(per_epoch * (k + 1) / settings.evals_per_epoch)) for k in range(settings.evals_per_epoch)}
-    result = LoraResult({}, config, base_held_loss=base_held, best_held_loss=base_held, total_steps=total)
-    best_state = {k: v.detach().clone() for k, v in get_state(peft_model).items()}
-    bad_evals, step, spent = 0, 0, 0.0
-    ckpt = checkpoint_dir / CHECKPOINT
-    if resume:
-        saved = load_checkpoint(ckpt, fingerprint)
-        set_state(peft_model, saved["state"])
-        opt.load_state_dict(saved["optimizer"])
-        best_state = saved["best_state"]
-        step, bad_evals, spent = int(saved["step"]), int(saved["bad_evals"]), float(saved["seconds"])
-        result.history = json.loads(saved["history"])
-        result.best_held_loss, result.best_step = float(saved["best_held_loss"]), int(saved["best_step"])
-        result.tokens, result.resumed_from = int(saved["tokens"]), step
-    peft_model.train()
-    started = time.perf_counter() - spent
-    stopped = False
-    with _StopFlag() as flag:
-        while step < total and not stopped:
-            epoch, pos = divmod(step, per_epoch)
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch))
-            rows = [train[i] for i in order[pos * settings.batch_size : (pos + 1) * settings.batch_size].tolist()]
-            ids, attn, labels = batch(rows, pad)
-            for group in opt.param_groups:
-                group["lr"] = _lr(settings, step, total)
-            out = peft_model(input_ids=ids, attention_mask=attn, labels=labels)
-            out.loss.backward()
-            loss = float(out.loss.detach())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            result.tokens += int(attn.sum())
-            held_loss = None
-            if (pos + 1) in eval_at:
-                peft_model.eval()
-                total_nll, count = token_nll(peft_model, held, pad)
-                peft_model.train()
-                held_loss = total_nll / max(count, 1)
-                if held_loss < result.best_held_loss - 1e-6:
-                    result.best_held_loss, result.best_step, bad_evals = held_loss, step, 0
-                    best_state = {k: v.detach().clone() for k, v in get_state(peft_model).items()}
-                else:
-                    bad_evals += 1
-                stopped = settings.patience > 0 and bad_evals >= settings.patience
-            result.history.append(
-                {
-                    "step": step,
-                    "epoch": epoch + 1,
-                    "loss": round(loss, 5),
-                    "held_loss": None if held_loss is None else round(held_loss, 5),
-                }
-            )
-            elapsed = time.perf_counter() - started
-            if on_progress is not None:
-                on_progress(
-                    Progress(
-                        step, total, epoch + 1, loss, held_loss, result.tokens / elapsed if elapsed else 0.0, elapsed
-                    )
-                )
-            if flag.asked and step < total and not stopped:
-                _save_checkpoint(
-                    ckpt, fingerprint, peft_model, opt, best_state, step, bad_evals, elapsed, result, get_state
-                )
-                raise InterruptedTraining(
-                    f"interrupted at step {step}/{total}; checkpoint kept in {checkpoint_dir}",
-                    "run the same command with --resume to continue",
-                )
-    peft_model.eval()
-    result.state, result.steps, result.stopped_early = best_state, step, stopped
-    result.seconds = time.perf_counter() - started
-    if ckpt.exists():
-        ckpt.unlink()
-    return result
+    def __init__(self, model: Any, pad: int, get_state: Any, set_state: Any) -> None:
+        self.model, self.pad = model, pad
+        self._get, self._set = get_state, set_state
 
+    def parameters(self) -> list[Any]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
-def _save_checkpoint(
-    path: Path,
-    fingerprint: str,
-    model: Any,
-    opt: Any,
-    best_state: dict[str, Any],
-    step: int,
-    bad_evals: int,
-    seconds: float,
-    result: LoraResult,
-    get_state: Any,
-) -> None:
-    import torch
+    def loss(self, rows: Sequence[Encoded]) -> tuple[Any, int]:
+        return training_loss(self.model, rows, self.pad)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    torch.save(
-        {
-            "fingerprint": fingerprint,
-            "state": get_state(model),
-            "optimizer": opt.state_dict(),
-            "best_state": best_state,
-            "step": step,
-            "bad_evals": bad_evals,
-            "seconds": seconds,
-            "history": json.dumps(result.history),
-            "best_held_loss": result.best_held_loss,
-            "best_step": result.best_step,
-            "tokens": result.tokens,
-        },
-        part,
-    )
-    os.replace(part, path)
+    def held_nll(self, held: Sequence[Encoded]) -> tuple[float, int]:
+        return token_nll(self.model, held, self.pad, EVAL_BATCH)
 
+    def state(self) -> dict[str, Any]:  # "auto" would ask the Hub whether the vocabulary changed
+        return dict(self._get(self.model, save_embedding_layers=False))
 
-def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
-    """A checkpoint of this very run (same base, data and settings); only tensors and plain values are read."""
-    import torch
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._set(self.model, state)
 
-    if not path.is_file():
-        raise UsageError(f"--resume: no checkpoint at {path}", "start without --resume")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(
-            f"{path}: not a usable checkpoint ({type(exc).__name__})", "delete it and start without --resume"
-        ) from None
-    if saved.get("fingerprint") != fingerprint:
-        raise UsageError(
-            f"{path}: the checkpoint is from another base, data set or settings",
-            "resume with the same command line, or start without --resume",
-        )
-    return saved
+    def train(self, on: bool) -> None:
+        self.model.train(on)
 
 
 def write_peft(folder: Path, result: LoraResult) -> Path:

@@ -9,7 +9,8 @@ from typing import Any
 
 from chat.make.data import MakeData
 from chat.make.lora import LoraResult, settings_dict
-from chat.make.vector import SWEEP_SCALES, VectorResult
+from chat.make.training import TrainResult
+from chat.make.vector import SWEEP_PIVOT, SWEEP_SCALES, VectorResult
 
 RECORD_VERSION = 1
 
@@ -36,6 +37,7 @@ def build_record(
     vector: VectorResult | None,
     lora: LoraResult | None,
     times: dict[str, float],
+    soft: TrainResult | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -55,6 +57,7 @@ def build_record(
         "settings": {
             "vector": req.vector,
             "lora": req.lora,
+            "soft_prompt": req.soft_prompt.n_virtual if req.soft_prompt else 0,
             "held_out_fraction": req.held_out,
             "max_tokens": req.max_tokens,
             "threads": torch.get_num_threads(),
@@ -71,22 +74,33 @@ def build_record(
             "scale": vector.scale,
             "layers": list(vector.layers),
             "sweep_scales": list(SWEEP_SCALES),
+            "sweep_pivot": SWEEP_PIVOT,
             "held_loss_without": round(vector.base_loss, 5),
             "held_loss_with": round(vector.loss, 5),
             "sweep": [{**asdict(p), "loss": round(p.loss, 5)} for p in vector.sweep],
         }
     if lora is not None:
-        record["lora"] = {
-            "settings": settings_dict(req.lora_settings),
-            "steps": lora.steps,
-            "total_steps": lora.total_steps,
-            "best_step": lora.best_step,
-            "stopped_early": lora.stopped_early,
-            "resumed_from_step": lora.resumed_from,
-            "held_loss_without": round(lora.base_held_loss, 5),
-            "held_loss_with": round(lora.best_held_loss, 5),
-            "tokens": lora.tokens,
-            "tokens_per_s": round(lora.tokens_per_s, 1),
-            "history": lora.history,
-        }
+        record["lora"] = {"settings": settings_dict(req.lora_settings), **_training(lora)}
+    if soft is not None:
+        from chat.make.softprompt import settings_dict as soft_settings
+
+        record["soft_prompt"] = {"settings": soft_settings(req.soft_prompt), **_training(soft)}
     return record
+
+
+def _training(result: TrainResult) -> dict[str, Any]:
+    return {
+        "steps": result.steps,
+        "total_steps": result.total_steps,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "resumed_from_step": result.resumed_from,
+        "held_loss_without": round(result.base_held_loss, 5),
+        "held_loss_with": round(result.best_held_loss, 5),
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 3),
+        "step_seconds": round(result.step_seconds, 3),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "step_tokens_per_s": round(result.step_tokens_per_s, 1),
+        "history": result.history,
+    }

@@ -19,6 +19,8 @@ from chat.errors import UsageError
 from chat.make.data import Dialogue, MakeData, read_data, read_pairs, split
 from chat.make.folder import MAX_EXAMPLES, CardParts, card_text, check_destination, staged
 from chat.make.lora import LoraResult, LoraSettings, MemoryRefused, Progress, available_memory, estimate_memory
+from chat.make.softprompt import SoftPromptSettings
+from chat.make.training import TrainResult
 from chat.make.vector import METHODS, VectorResult
 
 
@@ -44,6 +46,7 @@ class MakeRequest:
     held_out: float = 0.1
     max_tokens: int = 256
     lora_settings: LoraSettings = field(default_factory=LoraSettings)
+    soft_prompt: SoftPromptSettings | None = None  # None: no soft prompt
     resume: bool = False
     threads: int | None = None
     memory_limit: int | None = None  # bytes; None: what the system has available
@@ -57,6 +60,7 @@ class MakeOutcome:
     lora: LoraResult | None
     record: dict[str, Any]
     notes: list[str]
+    soft_prompt: TrainResult | None = None
 
 
 def check_request(req: MakeRequest) -> None:
@@ -65,8 +69,8 @@ def check_request(req: MakeRequest) -> None:
 
     if not is_valid_name(req.name):
         raise UsageError(f"{quote(req.name)} is not a valid persona name", NAME_RULE)
-    if not (req.vector or req.lora):
-        raise UsageError("nothing to make", "pass --vector, --lora or both")
+    if not (req.vector or req.lora or req.soft_prompt):
+        raise UsageError("nothing to make", "pass --vector, --lora, --soft-prompt N, or several")
     if req.method not in METHODS:
         raise UsageError(f"--method {req.method!r}: unknown", f"use {' or '.join(METHODS)}")
     if (req.positive is None) != (req.negative is None):
@@ -76,17 +80,20 @@ def check_request(req: MakeRequest) -> None:
     if req.pairs < 2 or req.max_tokens < 8:
         raise UsageError("--pairs must be at least 2 and --max-tokens at least 8")
     req.lora_settings.check()
+    if req.soft_prompt is not None:
+        req.soft_prompt.check()
     if not req.resume:
         check_destination(req.out, req.force)
 
 
-def fingerprint(base_sha: str, data: MakeData, req: MakeRequest, held: list[int]) -> str:
-    """What a checkpoint must match to be resumed: the base, the data, the split and every LoRA setting."""
+def fingerprint(base_sha: str, data: MakeData, req: MakeRequest, held: list[int], part: str = "lora") -> str:
+    """What a checkpoint must match to be resumed: the base, the data, the split and every setting of the part."""
+    settings = req.lora_settings if part == "lora" else req.soft_prompt
     key = {
         "base": base_sha,
         "data": data.sha256,
         "held": held,
-        "lora": asdict(req.lora_settings),
+        part: asdict(settings) if settings is not None else None,
         "max_tokens": req.max_tokens,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -112,19 +119,20 @@ def make_card(req: MakeRequest, ui: Reporter) -> MakeOutcome:
     )
     train = [data.dialogues[i] for i in train_idx]
     held = [data.dialogues[i] for i in held_idx]
-    # The card's prompt parts: its system prompt, and examples only without a LoRA (which learns them instead).
+    # The card's prompt parts: its system prompt, and examples only without a LoRA or a soft prompt (which
+    # learn them instead, trained after the system prompt alone).
     examples = (
         ()
-        if req.lora
+        if req.lora or req.soft_prompt
         else tuple(data.examples[:MAX_EXAMPLES])
         or tuple((d.first_prompt, d.first_answer) for d in train[:MAX_EXAMPLES])
     )
     times: dict[str, float] = {"load_s": round(base.load_s, 3)}
     notes: list[str] = []
-    vector = lora = None
+    vector = lora = soft = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft/transformers deprecation chatter is not the user's business
-        if req.lora:
+        if req.lora or req.soft_prompt:
             _check_memory(base, req)
         if req.vector:
             t0 = time.perf_counter()
@@ -138,6 +146,9 @@ def make_card(req: MakeRequest, ui: Reporter) -> MakeOutcome:
         if req.lora:
             lora, vector = _lora(base, req, data, train, held, held_idx, vector, ui)
             times["lora_s"] = round(lora.seconds, 3)
+        if req.soft_prompt:
+            soft = _soft_prompt(base, req, req.soft_prompt, data, train, held, held_idx, ui)
+            times["soft_prompt_s"] = round(soft.seconds, 3)
         if vector is not None and vector.loss >= vector.base_loss:
             notes.append(
                 "the vector did not lower the held-out loss at any scale tried; its [[steering]] entry has "
@@ -147,7 +158,7 @@ def make_card(req: MakeRequest, ui: Reporter) -> MakeOutcome:
     from chat.make.record import build_record
     from chat.make.writing import write_card
 
-    record = build_record(req, base, data, train_idx, held_idx, vector, lora, times)
+    record = build_record(req, base, data, train_idx, held_idx, vector, lora, times, soft)
     parts = CardParts(
         name=req.name,
         description=f"Made by `chat personas make` from {data.source.name} on {base.path.name}.",
@@ -155,9 +166,9 @@ def make_card(req: MakeRequest, ui: Reporter) -> MakeOutcome:
         examples=examples,
     )
     with staged(req.out, req.force) as stage:
-        written = write_card(stage, parts, base, vector, lora, record, notes)
+        written = write_card(stage, parts, base, vector, lora, record, notes, soft)
         (stage / "persona.toml").write_text(card_text(written), encoding="utf-8")
-    return MakeOutcome(req.out, vector, lora, record, notes)
+    return MakeOutcome(req.out, vector, lora, record, notes, soft)
 
 
 def _check_memory(base: Any, req: MakeRequest) -> None:
@@ -169,8 +180,8 @@ def _check_memory(base: Any, req: MakeRequest) -> None:
         int(getattr(text, "intermediate_size", 0) or 0),
         base.n_layers,
         int(text.vocab_size),
-        req.lora_settings.rank,
-        req.lora_settings.batch_size,
+        req.lora_settings.rank if req.lora else 0,
+        max(req.lora_settings.batch_size, req.soft_prompt.batch_size if req.soft_prompt else 0),
         req.max_tokens,
     )
     have = req.memory_limit if req.memory_limit is not None else available_memory()
@@ -218,12 +229,13 @@ def _lora(
     s = req.lora_settings
     root = req.checkpoint_root or Paths().data_dir / "make-checkpoints"
     ckpt = root / req.name
+    resume = _resume(req, ckpt)
     train_enc = [encode(base, d, data.system, max_tokens=req.max_tokens) for d in train]
     held_enc = [encode(base, d, data.system, max_tokens=req.max_tokens) for d in held]
     ui.line(
         f"lora: rank {s.rank}, alpha {s.alpha:g}, lr {s.lr:g}, {s.epochs} epochs of "
         f"{-(-len(train_enc) // s.batch_size)} batches of {s.batch_size}, seed {s.seed}"
-        + (f"; resuming from {ckpt}" if req.resume else "")
+        + (f"; resuming from {ckpt}" if resume else "")
     )
     total = -(-len(train_enc) // s.batch_size) * s.epochs
     retuned: list[VectorResult] = []
@@ -242,14 +254,14 @@ def _lora(
             s,
             ckpt,
             fingerprint(base.sha256, data, req, held_idx),
-            req.resume,
+            resume,
             ui.progress,
             retune,
         )
     ui.line(
         f"lora: {result.steps} steps, held-out loss {result.base_held_loss:.3f} → {result.best_held_loss:.3f} "
         f"(best at step {result.best_step}){'; stopped early' if result.stopped_early else ''}; "
-        f"{result.tokens_per_s:.0f} tokens/s"
+        f"{result.tokens_per_s:.0f} tokens/s ({result.step_tokens_per_s:.0f} in the steps alone)"
     )
     if retuned:
         vector = retuned[0]
@@ -267,3 +279,64 @@ def _retune(base: Any, model: Any, vector: VectorResult, held: list[Any]) -> Vec
     without, points = sweep(model, base.n_layers, base.tokenizer.pad_token_id, vector.directions, held, SWEEP_SCALES)
     best = min(points, key=lambda p: (p.loss, p.scale))
     return replace(vector, scale=best.scale, layers=best.layers, base_loss=without, loss=best.loss, sweep=tuple(points))
+
+
+def _soft_prompt(
+    base: Any,
+    req: MakeRequest,
+    settings: SoftPromptSettings,
+    data: MakeData,
+    train: list[Dialogue],
+    held: list[Dialogue],
+    held_idx: list[int],
+    ui: Reporter,
+) -> TrainResult:
+    """Train in the card's context (its system prompt first), on the base alone (not on top of a LoRA)."""
+    from chat.config import Paths
+    from chat.make.encode import encode
+    from chat.make.softprompt import train_soft_prompt
+
+    root = req.checkpoint_root or Paths().data_dir / "make-checkpoints"
+    ckpt = root / req.name / "soft-prompt"
+    resume = _resume(req, ckpt)
+    train_enc = [encode(base, d, data.system, max_tokens=req.max_tokens) for d in train]
+    held_enc = [encode(base, d, data.system, max_tokens=req.max_tokens) for d in held]
+    per_epoch = -(-len(train_enc) // settings.batch_size)
+    ui.line(
+        f"soft prompt: {settings.n_virtual} virtual tokens from "
+        f"{'the system text' if settings.init == 'text' and data.system else 'drawn tokens'}, lr {settings.lr:g}, "
+        f"{settings.epochs} epochs of {per_epoch} batches of {settings.batch_size}, seed {settings.seed}"
+        + (f"; resuming from {ckpt}" if resume else "")
+    )
+    with ui.training(per_epoch * settings.epochs):
+        result = train_soft_prompt(
+            base,
+            train_enc,
+            held_enc,
+            settings,
+            data.system,
+            ckpt,
+            fingerprint(base.sha256, data, req, held_idx, "soft_prompt"),
+            resume,
+            ui.progress,
+        )
+    ui.line(
+        f"soft prompt: {result.steps} steps, held-out loss {result.base_held_loss:.3f} → "
+        f"{result.best_held_loss:.3f} (best at step {result.best_step})"
+        f"{'; stopped early' if result.stopped_early else ''}; {result.tokens_per_s:.0f} tokens/s"
+    )
+    return result
+
+
+def _resume(req: MakeRequest, ckpt: Path) -> bool:
+    """Resume this part when asked and its checkpoint is there; a part that had finished before the
+    interruption (its checkpoint removed) trains again, to the same bytes. Without any checkpoint, --resume
+    is refused by the first part (the training's own message)."""
+    from chat.make.training import CHECKPOINT
+
+    if not req.resume:
+        return False
+    if (ckpt / CHECKPOINT).is_file():
+        return True
+    root = ckpt.parent if ckpt.name == "soft-prompt" else ckpt
+    return not any(p.is_file() for p in (root / CHECKPOINT, root / "soft-prompt" / CHECKPOINT))

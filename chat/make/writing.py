@@ -10,6 +10,7 @@ from typing import Any
 from chat.errors import ChatError
 from chat.make.folder import CardParts
 from chat.make.lora import LoraResult, write_peft
+from chat.make.training import TrainResult
 from chat.make.vector import VectorResult, write_vector
 
 
@@ -21,6 +22,7 @@ def write_card(
     lora: LoraResult | None,
     record: dict[str, Any],
     notes: list[str],
+    soft: TrainResult | None = None,
 ) -> CardParts:
     """Write the parts under ``stage``; the card's parts with the paths it references."""
     name = parts.name
@@ -42,6 +44,20 @@ def write_card(
         held = [(h["step"], h["held_loss"]) for h in lora.history if h["held_loss"] is not None]
         curve = write_curve(stage, train, held)
         record["lora"]["curve"] = curve.name
+    if soft is not None:
+        from chat.make.softprompt import write_soft_prompt
+
+        peft_rel, gguf_rel = f"soft_prompts/{name}-peft", f"soft_prompts/{name}.gguf"
+        write_soft_prompt(stage / peft_rel, stage / gguf_rel, soft, base, name)
+        main, other = (gguf_rel, peft_rel + " (PEFT folder)") if base.is_gguf else (peft_rel, gguf_rel + " (GGUF)")
+        parts = replace(parts, soft_prompt=main, soft_prompt_other=other)
+        if lora is None:
+            from chat.make.chart import write_curve
+
+            train = [h["loss"] for h in soft.history]
+            held = [(h["step"], h["held_loss"]) for h in soft.history if h["held_loss"] is not None]
+            record["soft_prompt"]["curve"] = write_curve(stage, train, held).name
+    if lora is not None or soft is not None:
         record["files"] = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file())
     record["notes"] = notes
     (stage / "make.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
